@@ -1,0 +1,3 @@
+{{ cookiecutter.description | tojson }}
+
+SERVICE_NAME = "{{ cookiecutter.service_name }}"

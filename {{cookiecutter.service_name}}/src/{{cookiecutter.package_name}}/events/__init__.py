@@ -1,0 +1,1 @@
+"""Protobuf code generated from proto/ at build time (hatch_build.py). Never edit by hand."""

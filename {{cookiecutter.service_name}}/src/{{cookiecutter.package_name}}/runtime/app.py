@@ -1,0 +1,65 @@
+"""Wiring: settings -> broker, state store, codec, loop; and running it until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Callable
+
+from .. import events
+from .brokers import Broker, open_broker
+from .config import Settings
+from .envelope import CloudEventsProtobufCodec, TypeRegistry
+from .health import Heartbeat
+from .logs import get_logger
+from .loop import ConsumerLoop, LoopStats
+from .router import Router
+from .state import StateStore, open_state_store
+
+
+def event_registry(router: Router | None = None) -> TypeRegistry:
+    """Every message type this service's proto files define, plus those `router` handles."""
+    registry = TypeRegistry.from_package(events)
+    for message_type in router.message_types() if router is not None else ():
+        registry.add(message_type)
+    return registry
+
+
+def build_loop(
+    settings: Settings,
+    router: Router,
+    *,
+    broker: Broker | None = None,
+    state: StateStore | None = None,
+    heartbeat: Heartbeat | None = None,
+    clock: Callable[[], float] = time.time,
+) -> ConsumerLoop:
+    return ConsumerLoop(
+        router=router,
+        broker=broker if broker is not None else open_broker(settings),
+        state=state if state is not None else open_state_store(settings, clock),
+        codec=CloudEventsProtobufCodec(event_registry(router)),
+        settings=settings,
+        heartbeat=heartbeat,
+        clock=clock,
+    )
+
+
+async def run_until_signalled(loop: ConsumerLoop) -> LoopStats:
+    """Run the loop; SIGTERM or SIGINT starts a graceful drain."""
+    stop = asyncio.Event()
+    event_loop = asyncio.get_running_loop()
+    log = get_logger()
+
+    def request_stop(signum: int) -> None:
+        log.info("stop requested", signal=signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        event_loop.add_signal_handler(signum, request_stop, signum)
+    try:
+        return await loop.run(stop)
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            event_loop.remove_signal_handler(signum)

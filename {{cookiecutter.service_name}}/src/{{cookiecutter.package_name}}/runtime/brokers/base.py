@@ -1,0 +1,85 @@
+"""The broker interface every adapter implements, and what all adapters share."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+# Headers on dead-lettered messages (the body is the original bytes, unchanged).
+DLQ_REASON = "x-dead-letter-reason"
+DLQ_ERROR = "x-dead-letter-error"
+DLQ_ORIGIN = "x-dead-letter-origin"
+DLQ_SERVICE = "x-dead-letter-service"
+MAX_ERROR_HEADER = 1024
+
+
+class BrokerUnavailable(Exception):
+    """The bus did not confirm a publish or an ack; the loop retries and does not ack."""
+
+
+@dataclass(slots=True)
+class InboundMessage:
+    """A delivered message. `stream` is the unit of order and progress (queue, partition)."""
+
+    body: bytes
+    topic: str
+    stream: str
+    position: int
+    key: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    redelivered: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundMessage:
+    topic: str
+    body: bytes
+    key: str = ""
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterRecord:
+    message: InboundMessage
+    reason: str
+    error: str
+
+
+def dead_letter_message(record: DeadLetterRecord, destination: str, service: str) -> OutboundMessage:
+    """The message parked in the dead-letter destination: original bytes, reason headers."""
+    origin = record.message
+    headers = dict(origin.headers)
+    headers.update(
+        {
+            DLQ_REASON: record.reason,
+            DLQ_ERROR: record.error[:MAX_ERROR_HEADER],
+            DLQ_ORIGIN: f"{origin.topic}|{origin.stream}|{origin.position}",
+            DLQ_SERVICE: service,
+        }
+    )
+    return OutboundMessage(destination, origin.body, origin.key or "", headers)
+
+
+class Broker(ABC):
+    """One consumer plus producer on a bus. All methods are safe to call from one task."""
+
+    @abstractmethod
+    async def start(self, topics: Sequence[str]) -> None:
+        """Connect and subscribe the consumer group to `topics` (event types)."""
+
+    @abstractmethod
+    async def fetch(self, max_messages: int, timeout: float) -> list[InboundMessage]:
+        """Up to `max_messages` deliveries, waiting at most `timeout` seconds for the first."""
+
+    @abstractmethod
+    async def publish(self, messages: Sequence[OutboundMessage]) -> None:
+        """Publish and return only when the bus confirmed every message (else raise)."""
+
+    @abstractmethod
+    async def ack(self, messages: Sequence[InboundMessage]) -> None:
+        """Acknowledge deliveries (group commit). Never called before their reaction is durable."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Disconnect; deliveries not acked come back to the group as redeliveries."""

@@ -1,0 +1,134 @@
+"""In-process bus with RabbitMQ-like semantics: ack, redelivery, dead-letter. Tests and demo only."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from .base import Broker, BrokerUnavailable, InboundMessage, OutboundMessage
+
+
+@dataclass(slots=True)
+class _Queue:
+    ready: deque[InboundMessage] = field(default_factory=deque)
+    unacked: dict[int, InboundMessage] = field(default_factory=dict)
+    waiter: asyncio.Event | None = None
+
+    def wake(self) -> None:
+        if self.waiter is not None:
+            self.waiter.set()
+
+
+class MemoryBus:
+    """Topics fan out to the queues of the consumer groups bound to them."""
+
+    def __init__(self) -> None:
+        self.published: list[OutboundMessage] = []
+        self._queues: dict[str, _Queue] = {}
+        self._bindings: dict[str, set[str]] = {}
+        self._tags = itertools.count(1)
+        self._publish_failures = 0
+
+    def bind(self, group: str, topics: Sequence[str]) -> None:
+        self._queues.setdefault(group, _Queue())
+        for topic in topics:
+            self._bindings.setdefault(topic, set()).add(group)
+
+    def put(self, message: OutboundMessage) -> None:
+        """Publish one message; raises BrokerUnavailable while failures are injected."""
+        if self._publish_failures:
+            self._publish_failures -= 1
+            raise BrokerUnavailable("memory bus: injected publish failure")
+        self.published.append(message)
+        for group in sorted(self._bindings.get(message.topic, ())):
+            queue = self._queues[group]
+            queue.ready.append(
+                InboundMessage(
+                    body=message.body,
+                    topic=message.topic,
+                    stream=group,
+                    position=next(self._tags),
+                    key=message.key or None,
+                    headers=dict(message.headers),
+                )
+            )
+            queue.wake()
+
+    def fail_next_publishes(self, count: int) -> None:
+        """Make the next `count` publishes fail, as a bus outage would."""
+        self._publish_failures = count
+
+    def messages(self, topic: str) -> list[OutboundMessage]:
+        return [message for message in self.published if message.topic == topic]
+
+    def queue(self, group: str) -> _Queue:
+        return self._queues.setdefault(group, _Queue())
+
+    def pending(self, group: str) -> int:
+        """Messages of `group` not yet acked (ready or delivered)."""
+        queue = self.queue(group)
+        return len(queue.ready) + len(queue.unacked)
+
+
+_BUSES: dict[str, MemoryBus] = {}
+
+
+def bus_for_url(url: str) -> MemoryBus:
+    """`memory://` is the process-wide default bus; `memory://name` a named one."""
+    name = urlsplit(url).netloc
+    return _BUSES.setdefault(name, MemoryBus())
+
+
+class MemoryBroker(Broker):
+    def __init__(self, bus: MemoryBus, group: str) -> None:
+        self.bus = bus
+        self.group = group
+        self._delivered: dict[int, InboundMessage] = {}
+
+    async def start(self, topics: Sequence[str]) -> None:
+        self.bus.bind(self.group, topics)
+
+    async def fetch(self, max_messages: int, timeout: float) -> list[InboundMessage]:
+        queue = self.bus.queue(self.group)
+        if not queue.ready and timeout > 0:
+            queue.waiter = asyncio.Event()
+            try:
+                await asyncio.wait_for(queue.waiter.wait(), timeout)
+            except TimeoutError:
+                pass
+            finally:
+                queue.waiter = None
+        batch: list[InboundMessage] = []
+        while queue.ready and len(batch) < max_messages:
+            message = queue.ready.popleft()
+            queue.unacked[message.position] = message
+            self._delivered[message.position] = message
+            batch.append(message)
+        return batch
+
+    async def publish(self, messages: Sequence[OutboundMessage]) -> None:
+        for message in messages:
+            self.bus.put(message)
+
+    async def ack(self, messages: Sequence[InboundMessage]) -> None:
+        queue = self.bus.queue(self.group)
+        for message in messages:
+            if self._delivered.pop(message.position, None) is None:
+                raise ValueError(f"ack of unknown delivery {message.position}")
+            del queue.unacked[message.position]
+
+    async def close(self) -> None:
+        """Unacked deliveries go back to the front of the queue, marked redelivered."""
+        queue = self.bus.queue(self.group)
+        returned = sorted(self._delivered.values(), key=lambda message: message.position)
+        for message in reversed(returned):
+            del queue.unacked[message.position]
+            message.redelivered = True
+            queue.ready.appendleft(message)
+        self._delivered.clear()
+        if returned:
+            queue.wake()

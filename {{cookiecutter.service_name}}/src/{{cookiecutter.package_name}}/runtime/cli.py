@@ -1,0 +1,119 @@
+"""The service's command line: run, healthcheck, emit, types, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+
+from google.protobuf import json_format
+
+from .. import SERVICE_NAME
+from .app import build_loop, event_registry, run_until_signalled
+from .brokers import open_broker
+from .brokers.base import OutboundMessage
+from .config import ENV_PREFIX, Settings, load_settings
+from .envelope import CloudEventsProtobufCodec, Envelope, new_event_id, now
+from .errors import ConfigError
+from .health import Heartbeat, check
+from .logs import configure_logging
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=SERVICE_NAME,
+        description=f"Settings come from {ENV_PREFIX}* environment variables.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("run", help="consume and handle events until SIGTERM")
+    health = commands.add_parser("healthcheck", help="exit 0 if the loop is healthy, else 1")
+    health.add_argument(
+        "--live", action="store_true", help="liveness only: ignore readiness (bus/store outage)"
+    )
+    emit = commands.add_parser("emit", help="publish one event built from JSON")
+    emit.add_argument("type", help="event type, e.g. one listed by `types`")
+    emit.add_argument("data", nargs="?", default="-", help="JSON payload, or - for stdin")
+    emit.add_argument("--key", default="", help="ordering key / CloudEvents subject")
+    emit.add_argument("--id", dest="event_id", default=None, help="event id (default: new uuid)")
+    commands.add_parser("types", help="list the event types this service knows")
+    commands.add_parser("demo", help="run the loop over a scripted stream on the memory bus")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "types":
+            print("\n".join(event_registry().names()))
+            return 0
+        settings = load_settings()
+        if args.command == "healthcheck":
+            return _healthcheck(settings, live_only=args.live)
+        if args.command == "emit":
+            return asyncio.run(_emit(settings, args.type, args.data, args.key, args.event_id))
+        if args.command == "demo":
+            return _demo(settings)
+        return _run(settings)
+    except ConfigError as error:
+        print(f"{SERVICE_NAME}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(settings: Settings) -> int:
+    from ..handlers import router
+
+    configure_logging(settings)
+    loop = build_loop(settings, router, heartbeat=Heartbeat(settings.heartbeat_file))
+    asyncio.run(run_until_signalled(loop))
+    return 0
+
+
+def _healthcheck(settings: Settings, *, live_only: bool) -> int:
+    problem = check(settings.heartbeat_file, settings.heartbeat_max_age_s, require_ready=not live_only)
+    if problem is None:
+        print("ok")
+        return 0
+    print(f"unhealthy: {problem}", file=sys.stderr)
+    return 1
+
+
+async def _emit(settings: Settings, type_name: str, data: str, key: str, event_id: str | None) -> int:
+    registry = event_registry()
+    message_type = registry.get(type_name)
+    if message_type is None:
+        raise ConfigError(f"unknown event type {type_name!r}; known: {', '.join(registry.names())}")
+    text = sys.stdin.read() if data == "-" else data
+    try:
+        payload = json_format.Parse(text or "{}", message_type())
+    except json_format.ParseError as error:
+        raise ConfigError(f"payload is not a valid {type_name}: {error}") from None
+    envelope = Envelope(
+        id=event_id or new_event_id(),
+        type=type_name,
+        source=settings.event_source,
+        payload=payload,
+        subject=key,
+        time=now(),
+    )
+    codec = CloudEventsProtobufCodec(registry)
+    broker = open_broker(settings)
+    await broker.start([])
+    try:
+        await broker.publish([OutboundMessage(type_name, codec.encode(envelope), key)])
+    finally:
+        await broker.close()
+    print(json.dumps({"id": envelope.id, "type": type_name, "key": key}))
+    return 0
+
+
+def _demo(settings: Settings) -> int:
+    from ..handlers import demo_events, router
+    from .demo import run_demo
+
+    configure_logging(settings.model_copy(update={"log_level": "ERROR"}))
+    print(asyncio.run(run_demo(router, demo_events())))
+    return 0

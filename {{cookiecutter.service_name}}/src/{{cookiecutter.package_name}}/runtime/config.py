@@ -1,0 +1,125 @@
+"""Settings from environment variables with the service's prefix (pydantic-settings).
+
+Every field below is one variable, e.g. ``ORDER_SERVICE_BATCH_SIZE``. Secrets may come
+from files: set ``<NAME>_FILE`` to a path and the file's content becomes the value.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .. import SERVICE_NAME
+from .errors import ConfigError
+
+PACKAGE_NAME = __name__.split(".")[0]
+ENV_PREFIX = f"{PACKAGE_NAME.upper()}_"
+BROKER_SCHEMES = ("memory", "kafka", "amqp", "amqps")
+STATE_SCHEMES = ("memory",)
+
+
+def _check_url(value: str, schemes: tuple[str, ...], example: str) -> str:
+    scheme = urlsplit(value).scheme
+    if scheme not in schemes:
+        allowed = ", ".join(f"{s}://" for s in schemes)
+        raise ValueError(f"unknown scheme in {value!r}; use one of {allowed} (e.g. {example})")
+    return value
+
+
+class Settings(BaseSettings):
+    """Runtime configuration. Defaults let `run` start anywhere with no servers."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    broker_url: str = Field("memory://", description="memory:// | kafka://h:p,... | amqp(s)://")
+    state_url: str = Field("memory://", description="Where dedupe records/checkpoints live")
+    consumer_group: str = Field(SERVICE_NAME, description="Kafka group / RabbitMQ queue name")
+    event_source: str = Field(
+        f"urn:service:{SERVICE_NAME}", description="CloudEvents `source` of emitted events"
+    )
+    dead_letter_suffix: str = Field(".dlq", description="Appended to the group for the DLQ")
+    batch_size: int = Field(500, gt=0, le=100_000, description="Max messages per batch")
+    batch_timeout_ms: int = Field(200, ge=0, description="Max wait to fill a batch")
+    max_message_bytes: int = Field(1_048_576, gt=0, description="Larger messages are dead-lettered")
+    max_concurrency: int = Field(64, gt=0, description="Keys handled at once within a batch")
+    retry_attempts: int = Field(5, ge=1, description="Handler attempts before dead-lettering")
+    retry_initial_backoff_ms: int = Field(100, ge=0, description="First retry delay")
+    retry_max_backoff_ms: int = Field(10_000, ge=0, description="Cap on one retry delay")
+    publish_retry_max_backoff_ms: int = Field(5_000, gt=0, description="Cap when the bus is down")
+    dedupe_max_ids: int = Field(1_000_000, gt=0, description="Dedupe horizon by count")
+    dedupe_ttl_s: float = Field(7 * 24 * 3600, gt=0, description="Dedupe horizon by age")
+    drain_timeout_s: float = Field(20.0, gt=0, description="SIGTERM: time to finish in-flight work")
+    heartbeat_file: Path = Field(
+        Path(tempfile.gettempdir()) / f"{SERVICE_NAME}.heartbeat",
+        description="Touched by the loop; `healthcheck` reads it",
+    )
+    heartbeat_max_age_s: float = Field(30.0, gt=0, description="Older heartbeat = unhealthy")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO")
+    log_format: Literal["auto", "json", "console"] = Field("auto")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_url(cls, value: str) -> str:
+        return _check_url(value, BROKER_SCHEMES, "kafka://localhost:9092")
+
+    @field_validator("state_url")
+    @classmethod
+    def _state_url(cls, value: str) -> str:
+        return _check_url(value, STATE_SCHEMES, "memory://")
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> Settings:
+        if self.retry_max_backoff_ms < self.retry_initial_backoff_ms:
+            raise ValueError("RETRY_MAX_BACKOFF_MS must be >= RETRY_INITIAL_BACKOFF_MS")
+        return self
+
+    @property
+    def dead_letter_destination(self) -> str:
+        return self.consumer_group + self.dead_letter_suffix
+
+
+def _file_values() -> dict[str, str]:
+    """Values of `<PREFIX><FIELD>_FILE` variables: the named file's content, stripped."""
+    values: dict[str, str] = {}
+    for name in Settings.model_fields:
+        path = os.environ.get(f"{ENV_PREFIX}{name.upper()}_FILE")
+        if path is None:
+            continue
+        try:
+            values[name] = Path(path).read_text(encoding="utf-8").strip()
+        except OSError as error:
+            raise ConfigError(
+                f"{ENV_PREFIX}{name.upper()}_FILE: cannot read {path}: {error.strerror}"
+            ) from None
+    return values
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment; raises ConfigError with one line naming the variable."""
+    try:
+        return Settings(**{**_file_values(), **overrides})
+    except ValidationError as error:
+        raise ConfigError(describe_validation_error(error)) from None
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    problems = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "settings"
+        message = item["msg"].removeprefix("Value error, ")
+        name = f"{ENV_PREFIX}{field.upper()}" if field != "settings" else "settings"
+        given = item.get("input")
+        shown = f" (got {given!r})" if field != "settings" and not isinstance(given, dict) else ""
+        problems.append(f"{name}: {message}{shown}")
+    return "; ".join(problems)

@@ -1,0 +1,29 @@
+"""Exceptions a handler raises to steer the loop, and the one for bad configuration."""
+
+from __future__ import annotations
+
+
+class RetryLater(Exception):
+    """A transient failure: the loop retries with exponential backoff, then dead-letters."""
+
+
+class DeadLetter(Exception):
+    """A permanent failure: the event goes to the dead-letter destination now, with `reason`."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class ConfigError(Exception):
+    """A setting the user gave is wrong; the message is one line meant for them."""
+
+
+class UndecodableEvent(Exception):
+    """Bytes that are not a valid envelope, or a payload that does not match its type."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail

@@ -1,0 +1,333 @@
+"""The consume loop: fetch a batch, react, make the reaction durable, then ack (group commit).
+
+Per batch: decode -> dedupe -> handle (keys concurrently, each key in order, transient
+errors retried with backoff + jitter) -> publish emitted events and dead letters and
+wait for the bus to confirm -> record handled ids in the state store -> ack. A crash at
+any point before the ack redelivers the batch; dedupe and deterministic emitted ids make
+the re-run harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import structlog
+from tenacity import AsyncRetrying, RetryCallState, retry_if_not_exception_type
+from tenacity import stop_after_attempt, wait_random_exponential
+
+from .brokers.base import (
+    Broker,
+    BrokerUnavailable,
+    DeadLetterRecord,
+    InboundMessage,
+    OutboundMessage,
+    dead_letter_message,
+)
+from .config import Settings
+from .dedupe import DedupeWindow
+from .envelope import Envelope, EnvelopeCodec, derive_event_id, event_type_of, now
+from .errors import DeadLetter, UndecodableEvent
+from .health import Heartbeat
+from .logs import get_logger
+from .router import Context, Emitted, HandlerSpec, Router
+from .state.base import StateStore, StateUnavailable
+
+CONTENT_TYPE_HEADER = "content-type"
+T = TypeVar("T")
+
+
+@dataclass
+class LoopStats:
+    received: int = 0
+    handled: int = 0
+    duplicates: int = 0
+    retries: int = 0
+    emitted: int = 0
+    acked: int = 0
+    batches: int = 0
+    dead_lettered: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass(slots=True)
+class _Work:
+    message: InboundMessage
+    envelope: Envelope
+    spec: HandlerSpec
+
+
+@dataclass(slots=True)
+class _Batch:
+    """What one batch produced, gathered before anything is made durable."""
+
+    outbound: list[OutboundMessage] = field(default_factory=list)
+    dead: list[DeadLetterRecord] = field(default_factory=list)
+    processed: dict[str, list[tuple[str, float]]] = field(default_factory=lambda: defaultdict(list))
+
+
+class ConsumerLoop:
+    def __init__(
+        self,
+        *,
+        router: Router,
+        broker: Broker,
+        state: StateStore,
+        codec: EnvelopeCodec,
+        settings: Settings,
+        heartbeat: Heartbeat | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.router = router
+        self.broker = broker
+        self.state = state
+        self.codec = codec
+        self.settings = settings
+        self.heartbeat = heartbeat
+        self.clock = clock
+        self.stats = LoopStats()
+        self.log = get_logger(service=settings.consumer_group)
+        self._windows: dict[str, DedupeWindow] = {}
+        self._semaphore = asyncio.Semaphore(settings.max_concurrency)
+
+    async def run(self, stop: asyncio.Event) -> LoopStats:
+        """Consume until `stop` is set, then drain in-flight work within the deadline."""
+        await self.state.open()
+        await self.broker.start(self.router.event_types())
+        self.log.info("started", event_types=self.router.event_types())
+        try:
+            while not stop.is_set():
+                self._beat(ready=True)
+                batch = await self._fetch_unless_stopped(stop)
+                if batch:
+                    await self._process_or_drain(batch, stop)
+        finally:
+            await self.broker.close()
+            await self.state.close()
+            if self.heartbeat is not None:
+                self.heartbeat.clear()
+            self.log.info("stopped", **self._summary())
+        return self.stats
+
+    async def _fetch_unless_stopped(self, stop: asyncio.Event) -> list[InboundMessage]:
+        fetching = asyncio.ensure_future(
+            self.broker.fetch(self.settings.batch_size, self.settings.batch_timeout_ms / 1000)
+        )
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({fetching, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not fetching.done():
+            fetching.cancel()  # nothing was delivered yet; close() returns anything that was
+            await asyncio.gather(fetching, return_exceptions=True)
+            return []
+        return fetching.result()
+
+    async def _process_or_drain(self, batch: list[InboundMessage], stop: asyncio.Event) -> None:
+        processing = asyncio.ensure_future(self.process_batch(batch))
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({processing, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not processing.done():
+            deadline = self.settings.drain_timeout_s
+            self.log.info("draining", in_flight=len(batch), deadline_s=deadline)
+            try:
+                await asyncio.wait_for(processing, deadline)
+            except TimeoutError:
+                self.log.warning("drain deadline passed; unacked messages will be redelivered")
+                return
+        processing.result()
+
+    async def process_batch(self, batch: Sequence[InboundMessage]) -> None:
+        """Handle one batch and ack it once its outcome is durable."""
+        self.stats.batches += 1
+        self.stats.received += len(batch)
+        await self._restore({message.stream for message in batch})
+        result = _Batch()
+        work = self._sort(batch, result)
+        outcomes = await asyncio.gather(*(self._handle_in_order(items) for items in work.values()))
+        for items, handled in zip(work.values(), outcomes, strict=True):
+            for item, outcome in zip(items, handled, strict=True):
+                self._collect(item, outcome, result)
+        result.outbound.extend(
+            dead_letter_message(
+                record, self.settings.dead_letter_destination, self.settings.consumer_group
+            )
+            for record in result.dead
+        )
+        if result.outbound:
+            await self._until_done("publish", lambda: self.broker.publish(result.outbound))
+        if result.processed:
+            await self._until_done("checkpoint", lambda: self._commit(result.processed))
+        await self._until_done("ack", lambda: self.broker.ack(batch))
+        self.stats.acked += len(batch)
+        now_s = self.clock()
+        for stream, records in result.processed.items():
+            self._windows[stream].add(records, now_s)
+        for record in result.dead:
+            self.stats.dead_lettered[record.reason] += 1
+            self.log.warning(
+                "dead-lettered",
+                reason=record.reason,
+                error=record.error,
+                stream=record.message.stream,
+                position=record.message.position,
+            )
+
+    def _sort(self, batch: Sequence[InboundMessage], result: _Batch) -> dict[tuple[str, str], list[_Work]]:
+        """Decode and dedupe; group what must be handled by (stream, key), keeping order."""
+        work: dict[tuple[str, str], list[_Work]] = defaultdict(list)
+        seen: set[tuple[str, str]] = set()
+        recorded_at = self.clock()
+        for message in batch:
+            if len(message.body) > self.settings.max_message_bytes:
+                size = f"{len(message.body)} bytes > {self.settings.max_message_bytes}"
+                result.dead.append(DeadLetterRecord(message, "oversized", size))
+                continue
+            try:
+                envelope = self.codec.decode(message.body)
+            except UndecodableEvent as error:
+                result.dead.append(DeadLetterRecord(message, error.reason, error.detail))
+                continue
+            identity = (message.stream, envelope.id)
+            if envelope.id in self._windows[message.stream] or identity in seen:
+                self.stats.duplicates += 1
+                continue
+            seen.add(identity)
+            result.processed[message.stream].append((envelope.id, recorded_at))
+            spec = self.router.get(envelope.type)
+            if spec is None or envelope.payload is None:
+                result.dead.append(DeadLetterRecord(message, "unknown-type", envelope.type))
+                continue
+            key = envelope.subject or message.key or envelope.id
+            work[(message.stream, key)].append(_Work(message, envelope, spec))
+        return work
+
+    async def _handle_in_order(self, items: list[_Work]) -> list[list[Emitted] | DeadLetterRecord]:
+        async with self._semaphore:
+            return [await self._handle(item) for item in items]
+
+    async def _handle(self, item: _Work) -> list[Emitted] | DeadLetterRecord:
+        envelope, message = item.envelope, item.message
+        log = self.log.bind(
+            event_id=envelope.id,
+            event_type=envelope.type,
+            event_source=envelope.source,
+            subject=envelope.subject,
+            stream=message.stream,
+            position=message.position,
+        )
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.settings.retry_attempts),
+            wait=wait_random_exponential(
+                multiplier=self.settings.retry_initial_backoff_ms / 1000,
+                max=self.settings.retry_max_backoff_ms / 1000,
+            ),
+            retry=retry_if_not_exception_type(DeadLetter),
+            before_sleep=lambda state: self._on_retry(state, log),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    number = attempt.retry_state.attempt_number
+                    context = Context(envelope, number, log.bind(attempt=number))
+                    await item.spec.handler(envelope.payload, context)
+        except DeadLetter as error:
+            return DeadLetterRecord(message, error.reason, error.detail)
+        except Exception as error:
+            attempts = self.settings.retry_attempts
+            detail = f"{type(error).__name__}: {error} (after {attempts} attempts)"
+            return DeadLetterRecord(message, "handler-failed", detail)
+        return context.emitted
+
+    def _on_retry(self, state: RetryCallState, log: structlog.typing.FilteringBoundLogger) -> None:
+        self.stats.retries += 1
+        error = state.outcome.exception() if state.outcome is not None else None
+        log.warning(
+            "retrying",
+            attempt=state.attempt_number,
+            error=f"{type(error).__name__}: {error}",
+            delay_s=round(state.upcoming_sleep, 3),
+        )
+
+    def _collect(self, item: _Work, outcome: list[Emitted] | DeadLetterRecord, result: _Batch) -> None:
+        if isinstance(outcome, DeadLetterRecord):
+            result.dead.append(outcome)
+            return
+        self.stats.handled += 1
+        self.stats.emitted += len(outcome)
+        result.outbound.extend(self._to_outbound(item.envelope, emitted) for emitted in outcome)
+
+    def _to_outbound(self, parent: Envelope, emitted: Emitted) -> OutboundMessage:
+        event_type = event_type_of(emitted.message)
+        envelope = Envelope(
+            id=derive_event_id(parent.id, emitted.position),
+            type=event_type,
+            source=self.settings.event_source,
+            payload=emitted.message,
+            subject=emitted.key,
+            time=now(),
+            extensions={
+                "causationid": parent.id,
+                "correlationid": parent.extensions.get("correlationid", parent.id),
+            },
+        )
+        return OutboundMessage(
+            topic=event_type,
+            body=self.codec.encode(envelope),
+            key=emitted.key,
+            headers={CONTENT_TYPE_HEADER: self.codec.content_type},
+        )
+
+    async def _restore(self, streams: set[str]) -> None:
+        for stream in sorted(streams - self._windows.keys()):
+            started = time.perf_counter()
+            window = DedupeWindow(self.settings.dedupe_max_ids, self.settings.dedupe_ttl_s)
+            records = await self._until_done("restore", lambda: self.state.load(stream))
+            window.add(records, self.clock())
+            self._windows[stream] = window
+            self.log.info(
+                "restored",
+                stream=stream,
+                ids=len(window),
+                seconds=round(time.perf_counter() - started, 4),
+            )
+
+    async def _commit(self, processed: dict[str, list[tuple[str, float]]]) -> None:
+        await asyncio.gather(*(self.state.commit(s, records) for s, records in processed.items()))
+
+    async def _until_done(self, what: str, step: Callable[[], Awaitable[T]]) -> T:
+        """Retry `step` while the bus or the store is unavailable; report not-ready meanwhile."""
+        delay = 0.05
+        cap = self.settings.publish_retry_max_backoff_ms / 1000
+        failures = 0
+        while True:
+            try:
+                outcome = await step()
+            except (BrokerUnavailable, StateUnavailable) as error:
+                failures += 1
+                self._beat(ready=False)
+                self.log.warning(f"{what} failed; retrying", error=str(error), failures=failures)
+                await asyncio.sleep(random.uniform(0, delay))
+                delay = min(cap, delay * 2)
+                continue
+            if failures:
+                self.log.info(f"{what} recovered", failures=failures)
+                self._beat(ready=True)
+            return outcome
+
+    def _beat(self, *, ready: bool) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.beat(ready=ready)
+
+    def _summary(self) -> dict[str, object]:
+        summary: dict[str, object] = {
+            name: getattr(self.stats, name)
+            for name in ("received", "handled", "duplicates", "retries", "emitted", "acked")
+        }
+        summary["dead_lettered"] = dict(self.stats.dead_lettered)
+        return summary

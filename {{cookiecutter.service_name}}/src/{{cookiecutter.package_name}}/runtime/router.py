@@ -1,0 +1,95 @@
+"""Handler registration (`Router`) and what a handler gets besides its event (`Context`)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import structlog
+from google.protobuf.message import Message
+
+from .envelope import Envelope, event_type_of
+from .errors import DeadLetter, RetryLater
+
+M = TypeVar("M", bound=Message)
+Handler = Callable[[M, "Context"], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Emitted:
+    """An event a handler asked to emit; published only after the handler succeeded."""
+
+    message: Message
+    key: str
+    position: int
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerSpec:
+    event_type: str
+    message_type: type[Message]
+    handler: Handler[Any]
+
+    @property
+    def name(self) -> str:
+        return getattr(self.handler, "__qualname__", repr(self.handler))
+
+
+class Context:
+    """Per-event helpers: metadata, a bound logger, emit, and the steering exceptions."""
+
+    RetryLater = RetryLater
+    DeadLetter = DeadLetter
+
+    def __init__(self, envelope: Envelope, attempt: int, log: structlog.typing.FilteringBoundLogger):
+        self.envelope = envelope
+        self.attempt = attempt
+        self.log = log
+        self._emitted: list[Emitted] = []
+
+    @property
+    def event_id(self) -> str:
+        return self.envelope.id
+
+    def emit(self, message: Message, *, key: str | None = None) -> None:
+        """Queue a follow-up event. Its id derives from this event's id and the position.
+
+        `key` orders events (Kafka partition key, RabbitMQ subject); it defaults to this
+        event's subject so a chain of reactions keeps one key.
+        """
+        self._emitted.append(
+            Emitted(message, key if key is not None else self.envelope.subject, len(self._emitted))
+        )
+
+    @property
+    def emitted(self) -> list[Emitted]:
+        return list(self._emitted)
+
+
+class Router:
+    """Collects one async handler per event type: ``@router.handles(OrderPlaced)``."""
+
+    def __init__(self) -> None:
+        self._specs: dict[str, HandlerSpec] = {}
+
+    def handles(self, message_type: type[M]) -> Callable[[Handler[M]], Handler[M]]:
+        event_type = event_type_of(message_type)
+
+        def register(handler: Handler[M]) -> Handler[M]:
+            if event_type in self._specs:
+                existing = self._specs[event_type].name
+                raise ValueError(f"{event_type} already handled by {existing}")
+            self._specs[event_type] = HandlerSpec(event_type, message_type, handler)
+            return handler
+
+        return register
+
+    def get(self, event_type: str) -> HandlerSpec | None:
+        return self._specs.get(event_type)
+
+    def event_types(self) -> list[str]:
+        return sorted(self._specs)
+
+    def message_types(self) -> list[type[Message]]:
+        return [spec.message_type for spec in self._specs.values()]
