@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hatchling.builders.config import BuilderConfig
 from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
 ROOT = Path(__file__).resolve().parent
@@ -36,7 +37,7 @@ def generate(root: Path = ROOT) -> list[Path]:
     return [root / "src" / source.replace(".proto", "_pb2.py") for source in sources]
 
 
-class ProtoBuildHook(BuildHookInterface):  # type: ignore[type-arg]
+class ProtoBuildHook(BuildHookInterface[BuilderConfig]):
     PLUGIN_NAME = "custom"
 
     def initialize(self, version: str, build_data: dict[str, Any]) -> None:

@@ -57,7 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo(settings)
         return _run(settings)
     except ConfigError as error:
-        print(f"{SERVICE_NAME}: error: {error}", file=sys.stderr)
+        one_line = " ".join(str(error).split())
+        print(f"{SERVICE_NAME}: error: {one_line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -73,7 +74,9 @@ def _run(settings: Settings) -> int:
 
 
 def _healthcheck(settings: Settings, *, live_only: bool) -> int:
-    problem = check(settings.heartbeat_file, settings.heartbeat_max_age_s, require_ready=not live_only)
+    problem = check(
+        settings.heartbeat_file, settings.heartbeat_max_age_s, require_ready=not live_only
+    )
     if problem is None:
         print("ok")
         return 0
@@ -81,7 +84,9 @@ def _healthcheck(settings: Settings, *, live_only: bool) -> int:
     return 1
 
 
-async def _emit(settings: Settings, type_name: str, data: str, key: str, event_id: str | None) -> int:
+async def _emit(
+    settings: Settings, type_name: str, data: str, key: str, event_id: str | None
+) -> int:
     registry = event_registry()
     message_type = registry.get(type_name)
     if message_type is None:

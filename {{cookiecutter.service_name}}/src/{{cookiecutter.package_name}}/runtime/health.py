@@ -34,7 +34,9 @@ class Heartbeat:
         self.path.unlink(missing_ok=True)
 
 
-def check(path: Path, max_age_s: float, *, require_ready: bool, now: float | None = None) -> str | None:
+def check(
+    path: Path, max_age_s: float, *, require_ready: bool, now: float | None = None
+) -> str | None:
     """None when healthy, else a one-line reason."""
     try:
         beat = json.loads(path.read_text())

@@ -15,11 +15,17 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from functools import partial
+from typing import Any, TypeVar
 
 import structlog
-from tenacity import AsyncRetrying, RetryCallState, retry_if_not_exception_type
-from tenacity import stop_after_attempt, wait_random_exponential
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_random_exponential,
+)
 
 from .brokers.base import (
     Broker,
@@ -117,10 +123,7 @@ class ConsumerLoop:
         fetching = asyncio.ensure_future(
             self.broker.fetch(self.settings.batch_size, self.settings.batch_timeout_ms / 1000)
         )
-        stopping = asyncio.ensure_future(stop.wait())
-        await asyncio.wait({fetching, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        stopping.cancel()
-        if not fetching.done():
+        if not await _finished_before(fetching, stop):
             fetching.cancel()  # nothing was delivered yet; close() returns anything that was
             await asyncio.gather(fetching, return_exceptions=True)
             return []
@@ -128,10 +131,7 @@ class ConsumerLoop:
 
     async def _process_or_drain(self, batch: list[InboundMessage], stop: asyncio.Event) -> None:
         processing = asyncio.ensure_future(self.process_batch(batch))
-        stopping = asyncio.ensure_future(stop.wait())
-        await asyncio.wait({processing, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        stopping.cancel()
-        if not processing.done():
+        if not await _finished_before(processing, stop):
             deadline = self.settings.drain_timeout_s
             self.log.info("draining", in_flight=len(batch), deadline_s=deadline)
             try:
@@ -177,7 +177,9 @@ class ConsumerLoop:
                 position=record.message.position,
             )
 
-    def _sort(self, batch: Sequence[InboundMessage], result: _Batch) -> dict[tuple[str, str], list[_Work]]:
+    def _sort(
+        self, batch: Sequence[InboundMessage], result: _Batch
+    ) -> dict[tuple[str, str], list[_Work]]:
         """Decode and dedupe; group what must be handled by (stream, key), keeping order."""
         work: dict[tuple[str, str], list[_Work]] = defaultdict(list)
         seen: set[tuple[str, str]] = set()
@@ -226,7 +228,7 @@ class ConsumerLoop:
                 multiplier=self.settings.retry_initial_backoff_ms / 1000,
                 max=self.settings.retry_max_backoff_ms / 1000,
             ),
-            retry=retry_if_not_exception_type(DeadLetter),
+            retry=retry_if_exception(_is_transient),
             before_sleep=lambda state: self._on_retry(state, log),
             reraise=True,
         )
@@ -254,7 +256,9 @@ class ConsumerLoop:
             delay_s=round(state.upcoming_sleep, 3),
         )
 
-    def _collect(self, item: _Work, outcome: list[Emitted] | DeadLetterRecord, result: _Batch) -> None:
+    def _collect(
+        self, item: _Work, outcome: list[Emitted] | DeadLetterRecord, result: _Batch
+    ) -> None:
         if isinstance(outcome, DeadLetterRecord):
             result.dead.append(outcome)
             return
@@ -287,7 +291,7 @@ class ConsumerLoop:
         for stream in sorted(streams - self._windows.keys()):
             started = time.perf_counter()
             window = DedupeWindow(self.settings.dedupe_max_ids, self.settings.dedupe_ttl_s)
-            records = await self._until_done("restore", lambda: self.state.load(stream))
+            records = await self._until_done("restore", partial(self.state.load, stream))
             window.add(records, self.clock())
             self._windows[stream] = window
             self.log.info(
@@ -331,3 +335,25 @@ class ConsumerLoop:
         }
         summary["dead_lettered"] = dict(self.stats.dead_lettered)
         return summary
+
+
+async def _finished_before(work: asyncio.Future[Any], stop: asyncio.Event) -> bool:
+    """Wait until `work` is done or `stop` is set; True if `work` is done.
+
+    If the caller is cancelled (a crash, in tests), `work` is cancelled with it: nothing
+    may go on acking behind a loop that is gone.
+    """
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({work, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        work.cancel()
+        raise
+    finally:
+        stopping.cancel()
+    return work.done()
+
+
+def _is_transient(error: BaseException) -> bool:
+    """Retry handler errors, but never DeadLetter, and never cancellation (a stop or crash)."""
+    return isinstance(error, Exception) and not isinstance(error, DeadLetter)

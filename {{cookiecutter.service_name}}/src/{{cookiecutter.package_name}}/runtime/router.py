@@ -42,7 +42,9 @@ class Context:
     RetryLater = RetryLater
     DeadLetter = DeadLetter
 
-    def __init__(self, envelope: Envelope, attempt: int, log: structlog.typing.FilteringBoundLogger):
+    def __init__(
+        self, envelope: Envelope, attempt: int, log: structlog.typing.FilteringBoundLogger
+    ):
         self.envelope = envelope
         self.attempt = attempt
         self.log = log

@@ -46,7 +46,9 @@ class DeadLetterRecord:
     error: str
 
 
-def dead_letter_message(record: DeadLetterRecord, destination: str, service: str) -> OutboundMessage:
+def dead_letter_message(
+    record: DeadLetterRecord, destination: str, service: str
+) -> OutboundMessage:
     """The message parked in the dead-letter destination: original bytes, reason headers."""
     origin = record.message
     headers = dict(origin.headers)
@@ -69,8 +71,8 @@ class Broker(ABC):
         """Connect and subscribe the consumer group to `topics` (event types)."""
 
     @abstractmethod
-    async def fetch(self, max_messages: int, timeout: float) -> list[InboundMessage]:
-        """Up to `max_messages` deliveries, waiting at most `timeout` seconds for the first."""
+    async def fetch(self, max_messages: int, max_wait_s: float) -> list[InboundMessage]:
+        """Up to `max_messages` deliveries, waiting at most `max_wait_s` for the first."""
 
     @abstractmethod
     async def publish(self, messages: Sequence[OutboundMessage]) -> None:

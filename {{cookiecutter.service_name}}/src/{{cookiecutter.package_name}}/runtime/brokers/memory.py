@@ -1,4 +1,7 @@
-"""In-process bus with RabbitMQ-like semantics: ack, redelivery, dead-letter. Tests and demo only."""
+"""In-process bus with RabbitMQ-like semantics: ack, redelivery, dead-letter.
+
+For tests and the demo only; not a production option.
+"""
 
 from __future__ import annotations
 
@@ -92,12 +95,12 @@ class MemoryBroker(Broker):
     async def start(self, topics: Sequence[str]) -> None:
         self.bus.bind(self.group, topics)
 
-    async def fetch(self, max_messages: int, timeout: float) -> list[InboundMessage]:
+    async def fetch(self, max_messages: int, max_wait_s: float) -> list[InboundMessage]:
         queue = self.bus.queue(self.group)
-        if not queue.ready and timeout > 0:
+        if not queue.ready and max_wait_s > 0:
             queue.waiter = asyncio.Event()
             try:
-                await asyncio.wait_for(queue.waiter.wait(), timeout)
+                await asyncio.wait_for(queue.waiter.wait(), max_wait_s)
             except TimeoutError:
                 pass
             finally:

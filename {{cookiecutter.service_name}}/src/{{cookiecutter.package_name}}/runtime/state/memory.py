@@ -47,7 +47,9 @@ class MemoryStateStore(StateStore):
 _STORES: dict[str, MemoryStateStore] = {}
 
 
-def store_for_url(url: str, max_ids: int, ttl_s: float, clock: Callable[[], float]) -> MemoryStateStore:
+def store_for_url(
+    url: str, max_ids: int, ttl_s: float, clock: Callable[[], float]
+) -> MemoryStateStore:
     """`memory://` is the process-wide store; `memory://name` a named one."""
     name = urlsplit(url).netloc
     if name not in _STORES:

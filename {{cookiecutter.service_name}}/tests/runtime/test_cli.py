@@ -1,0 +1,134 @@
+"""The command line, run as a subprocess like an operator or a probe would. Template-owned."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from {{ cookiecutter.package_name }} import SERVICE_NAME
+from {{ cookiecutter.package_name }}.runtime.app import event_registry
+from {{ cookiecutter.package_name }}.runtime.config import ENV_PREFIX, PACKAGE_NAME
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    clean[f"{ENV_PREFIX}HEARTBEAT_FILE"] = str(tmp_path / "heartbeat")
+    clean[f"{ENV_PREFIX}LOG_FORMAT"] = "json"
+    return clean
+
+
+def cli(env: dict[str, str], *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", PACKAGE_NAME, *args],
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_run_is_healthy_then_drains_and_exits_zero_on_sigterm(env: dict[str, str]) -> None:
+    heartbeat = Path(env[f"{ENV_PREFIX}HEARTBEAT_FILE"])
+    process = subprocess.Popen(
+        [sys.executable, "-m", PACKAGE_NAME, "run"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not heartbeat.exists():
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "no heartbeat within 30 s"
+            time.sleep(0.05)
+        assert cli(env, "healthcheck").returncode == 0
+        assert cli(env, "healthcheck", "--live").returncode == 0
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr
+    events = [json.loads(line)["event"] for line in stdout.splitlines()]
+    assert events[0] == "started"
+    assert "stop requested" in events
+    assert events[-1] == "stopped"
+    unhealthy = cli(env, "healthcheck")
+    assert unhealthy.returncode == 1
+    assert "no heartbeat" in unhealthy.stderr
+
+
+def test_stale_or_not_ready_heartbeat_fails_the_right_probe(env: dict[str, str]) -> None:
+    heartbeat = Path(env[f"{ENV_PREFIX}HEARTBEAT_FILE"])
+    heartbeat.write_text(json.dumps({"time": time.time(), "ready": False}))
+    assert cli(env, "healthcheck").returncode == 1
+    assert cli(env, "healthcheck", "--live").returncode == 0
+    heartbeat.write_text(json.dumps({"time": time.time() - 3600, "ready": True}))
+    stale = cli(env, "healthcheck", "--live")
+    assert stale.returncode == 1
+    assert "stuck" in stale.stderr
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("BATCH_SIZE", "0"), ("BROKER_URL", "nats://localhost"), ("DRAIN_TIMEOUT_S", "soon")],
+)
+def test_bad_setting_is_one_line_without_traceback(
+    env: dict[str, str], variable: str, value: str
+) -> None:
+    env[ENV_PREFIX + variable] = value
+    result = cli(env, "run")
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"{SERVICE_NAME}: error: {ENV_PREFIX}{variable}")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr
+
+
+def test_emit_publishes_an_event_built_from_json(env: dict[str, str]) -> None:
+    event_type = event_registry().names()[0]
+    result = cli(env, "emit", event_type, "{}", "--key", "k-1", "--id", "e-1")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"id": "e-1", "type": event_type, "key": "k-1"}
+    from_stdin = cli(env, "emit", event_type, stdin="{}")
+    assert from_stdin.returncode == 0, from_stdin.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("no.such.Type", "{}"), "unknown event type 'no.such.Type'"),
+        (("TYPE", "{not json"), "payload is not a valid"),
+        (("TYPE", '{"no_such_field": 1}'), "payload is not a valid"),
+    ],
+)
+def test_emit_refuses_bad_input_in_one_line(
+    env: dict[str, str], args: tuple[str, str], expected: str
+) -> None:
+    event_type = event_registry().names()[0]
+    result = cli(env, "emit", *(event_type if arg == "TYPE" else arg for arg in args))
+    assert result.returncode == 2
+    assert expected in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_demo_shows_every_outcome(env: dict[str, str]) -> None:
+    result = cli(env, "demo")
+    assert result.returncode == 0, result.stderr
+    for expected in (
+        "duplicates dropped: 1",
+        "unknown-type",
+        "undecodable",
+        "oversized",
+        "bus outage",
+        "nothing left on the bus",
+    ):
+        assert expected in result.stdout

@@ -1,0 +1,317 @@
+"""The loop's guarantees on the in-memory bus (DESIGN §3). Template-owned; do not edit."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from google.protobuf.wrappers_pb2 import Int64Value, StringValue
+
+from {{ cookiecutter.package_name }}.runtime import Context, DeadLetter, RetryLater, Router
+from {{ cookiecutter.package_name }}.runtime.brokers.base import DLQ_ORIGIN, DLQ_REASON
+from {{ cookiecutter.package_name }}.runtime.brokers.memory import MemoryBus
+from {{ cookiecutter.package_name }}.runtime.envelope import derive_event_id
+from {{ cookiecutter.package_name }}.runtime.state.memory import MemoryStateStore
+from {{ cookiecutter.package_name }}.runtime.testing import ServiceHarness
+
+from .conftest import (
+    FAST,
+    Journal,
+    JournalingBroker,
+    RunningLoop,
+    fast_settings,
+    make_loop,
+    publish_to,
+)
+
+
+def echo_router(handled: list[str]) -> Router:
+    """Handles StringValue commands; emits Int64Value(len(value)) for plain values."""
+    router = Router()
+
+    @router.handles(StringValue)
+    async def handle(event: StringValue, ctx: Context) -> None:
+        if event.value == "dead":
+            raise DeadLetter("bad-command", "asked to")
+        if event.value.startswith("flaky") and ctx.attempt < 3:
+            raise RetryLater(f"attempt {ctx.attempt}")
+        if event.value == "broken":
+            raise ValueError("always fails")
+        handled.append(event.value)
+        ctx.emit(Int64Value(value=len(event.value)))
+        ctx.emit(Int64Value(value=-len(event.value)), key="other")
+
+    return router
+
+
+def harness(handled: list[str], **settings: object) -> ServiceHarness:
+    return ServiceHarness(echo_router(handled), **{**FAST, **settings})
+
+
+async def test_ack_comes_after_publish_and_checkpoint() -> None:
+    handled: list[str] = []
+    journal = Journal()
+    bus = MemoryBus()
+    settings = fast_settings()
+
+    class JournalingStore(MemoryStateStore):
+        async def commit(self, stream: str, processed: object) -> None:
+            await super().commit(stream, processed)  # type: ignore[arg-type]
+            journal.entries.append("checkpoint")
+
+    router = echo_router(handled)
+    bus.bind(settings.consumer_group, router.event_types())
+    for value in ("a", "b", "c"):
+        await publish_to(bus, router, StringValue(value=value))
+    store = JournalingStore(1000, 3600, time.time)
+    broker = JournalingBroker(bus, settings.consumer_group, journal)
+    running = RunningLoop(make_loop(router, bus, store, settings, broker))
+    await running.wait_until(lambda: bus.pending(settings.consumer_group) == 0)
+    await running.stop_gracefully()
+
+    assert sorted(handled) == ["a", "b", "c"]
+    # Every ack is preceded by the publish of what its batch emitted and by a checkpoint.
+    acks = [i for i, entry in enumerate(journal.entries) if entry.startswith("ack")]
+    for index in acks:
+        assert journal.entries[index - 1] == "checkpoint"
+        assert journal.entries[index - 2].startswith("publish:")
+    assert len(bus.messages("google.protobuf.Int64Value")) == 6
+
+
+async def test_unfinished_handler_is_redelivered_after_a_crash() -> None:
+    bus = MemoryBus()
+    store = MemoryStateStore(1000, 3600, time.time)
+    settings = fast_settings()
+    started = asyncio.Event()
+    release = asyncio.Event()
+    runs: list[str] = []
+    router = Router()
+
+    @router.handles(StringValue)
+    async def slow(event: StringValue, ctx: Context) -> None:
+        runs.append(ctx.event_id)
+        started.set()
+        await release.wait()
+
+    bus.bind(settings.consumer_group, router.event_types())
+    event_id = await publish_to(bus, router, StringValue(value="x"))
+
+    first = RunningLoop(make_loop(router, bus, store, settings))
+    await asyncio.wait_for(started.wait(), 5)
+    await first.crash()
+    assert bus.pending(settings.consumer_group) == 1  # not acked: it comes back
+    assert bus.queue(settings.consumer_group).ready[0].redelivered
+
+    release.set()
+    second = RunningLoop(make_loop(router, bus, store, settings))
+    await second.wait_until(lambda: bus.pending(settings.consumer_group) == 0)
+    stats = await second.stop_gracefully()
+    assert runs == [event_id, event_id]  # the in-flight event re-ran once, then was acked
+    assert stats.handled == 1
+
+
+async def test_duplicates_are_dropped_within_a_batch_and_across_restarts() -> None:
+    handled: list[str] = []
+    service = harness(handled)
+    event_id = await service.publish(StringValue(value="once"))
+    await service.publish(StringValue(value="once"), event_id=event_id)
+    stats = await service.run_until_idle()
+    assert (stats.handled, stats.duplicates) == (1, 1)
+
+    # A later redelivery (new loop: the window is restored from the state store).
+    await service.publish(StringValue(value="once"), event_id=event_id)
+    stats = await service.run_until_idle()
+    assert (stats.handled, stats.duplicates) == (0, 1)
+    assert handled == ["once"]
+
+
+async def test_dedupe_horizon_is_bounded_by_count() -> None:
+    handled: list[str] = []
+    service = harness(handled, dedupe_max_ids=2)
+    first = await service.publish(StringValue(value="a"))
+    await service.publish(StringValue(value="b"))
+    await service.publish(StringValue(value="c"))
+    await service.run_until_idle()
+    await service.publish(StringValue(value="a"), event_id=first)  # beyond the horizon
+    await service.run_until_idle()
+    assert handled == ["a", "b", "c", "a"]
+
+
+async def test_dedupe_horizon_is_bounded_by_age() -> None:
+    handled: list[str] = []
+    service = harness(handled, dedupe_ttl_s=0.05)
+    event_id = await service.publish(StringValue(value="a"))
+    await service.run_until_idle()
+    await asyncio.sleep(0.1)
+    await service.publish(StringValue(value="a"), event_id=event_id)
+    await service.run_until_idle()
+    assert handled == ["a", "a"]
+
+
+async def test_emitted_ids_derive_from_the_source_id_and_position() -> None:
+    service = harness([])
+    event_id = await service.publish(StringValue(value="abc"), key="k")
+    await service.run_until_idle()
+    emitted = service.emitted(Int64Value)
+    assert [e.id for e in emitted] == [derive_event_id(event_id, 0), derive_event_id(event_id, 1)]
+    assert [e.subject for e in emitted] == ["k", "other"]
+    assert all(e.extensions["causationid"] == event_id for e in emitted)
+
+    # The same source event handled by a fresh service emits the same ids again.
+    again = harness([])
+    await again.publish(StringValue(value="abc"), key="k", event_id=event_id)
+    await again.run_until_idle()
+    assert [e.id for e in again.emitted(Int64Value)] == [e.id for e in emitted]
+
+
+async def test_bad_input_is_dead_lettered_with_a_reason_and_acked() -> None:
+    handled: list[str] = []
+    service = harness(handled, max_message_bytes=1000)
+    topic = "google.protobuf.StringValue"
+    service.publish_raw(b"\x00\xffnot protobuf", topic)
+    service.publish_raw(b"", topic)  # parses, but has no id/type/specversion
+    service.publish_raw(b"y" * 1001, topic)
+    await service.publish(Int64Value(value=1), topic=topic)  # nobody handles Int64Value
+    await service.publish(
+        Int64Value(value=1), event_type="google.protobuf.StringValue", topic=topic
+    )  # says StringValue, carries Int64Value
+    await service.publish(StringValue(value="dead"))
+    await service.publish(StringValue(value="fine"))
+
+    stats = await service.run_until_idle()
+
+    reasons = sorted(parked.reason for parked in service.dead_letters)
+    assert reasons == [
+        "bad-command",
+        "invalid-envelope",
+        "oversized",
+        "schema-mismatch",
+        "undecodable",
+        "unknown-type",
+    ]
+    assert handled == ["fine"]
+    assert stats.acked == 7
+    assert service.bus.pending(service.group) == 0
+    poison = next(p for p in service.dead_letters if p.reason == "undecodable")
+    assert poison.body == b"\x00\xffnot protobuf"  # original bytes kept
+    assert poison.headers[DLQ_ORIGIN].startswith(topic + "|")
+    assert sum(stats.dead_lettered.values()) == 6
+
+
+async def test_transient_errors_are_retried_then_succeed() -> None:
+    handled: list[str] = []
+    service = harness(handled)
+    await service.publish(StringValue(value="flaky"))
+    stats = await service.run_until_idle()
+    assert handled == ["flaky"]
+    assert stats.retries == 2
+    assert service.dead_letters == []
+
+
+async def test_persistent_errors_are_dead_lettered_after_the_attempts() -> None:
+    service = harness([], retry_attempts=3)
+    await service.publish(StringValue(value="broken"))
+    stats = await service.run_until_idle()
+    [parked] = service.dead_letters
+    assert parked.reason == "handler-failed"
+    assert "ValueError: always fails" in parked.error
+    assert stats.retries == 2
+    assert service.emitted() == []  # emits of a failed handler are never published
+
+
+async def test_dead_letter_exception_skips_retries() -> None:
+    service = harness([])
+    await service.publish(StringValue(value="dead"))
+    stats = await service.run_until_idle()
+    assert stats.retries == 0
+    assert [p.headers[DLQ_REASON] for p in service.dead_letters] == ["bad-command"]
+
+
+async def test_same_key_in_order_different_keys_concurrently() -> None:
+    order: dict[str, list[int]] = {"a": [], "b": []}
+    active = 0
+    most_active = 0
+    router = Router()
+
+    @router.handles(StringValue)
+    async def handle(event: StringValue, ctx: Context) -> None:
+        nonlocal active, most_active
+        active += 1
+        most_active = max(most_active, active)
+        key, number = event.value.split(":")
+        await asyncio.sleep(0.002 * (int(number) % 3))  # later events may finish first
+        order[key].append(int(number))
+        active -= 1
+
+    service = ServiceHarness(router, **FAST)
+    for number in range(20):
+        for key in ("a", "b"):
+            await service.publish(StringValue(value=f"{key}:{number}"), key=key)
+    await service.run_until_idle()
+    assert order == {"a": list(range(20)), "b": list(range(20))}
+    assert most_active == 2
+
+
+async def test_bus_outage_delays_the_ack_and_loses_nothing() -> None:
+    handled: list[str] = []
+    service = harness(handled)
+    await service.publish(StringValue(value="during-outage"))
+    service.bus.fail_next_publishes(3)
+    await service.run_until_idle()
+    assert handled == ["during-outage"]
+    assert len(service.emitted(Int64Value)) == 2
+    assert service.bus.pending(service.group) == 0
+
+
+async def test_store_outage_delays_the_ack_and_loses_nothing() -> None:
+    handled: list[str] = []
+    service = harness(handled)
+    await service.publish(StringValue(value="x"))
+    service.state.fail_next_commits(3)
+    await service.run_until_idle()
+    assert handled == ["x"]
+    assert service.state.commits == 1
+
+
+async def test_sigterm_drains_in_flight_work_and_acks_it() -> None:
+    bus = MemoryBus()
+    settings = fast_settings()
+    started = asyncio.Event()
+    finished: list[str] = []
+    router = Router()
+
+    @router.handles(StringValue)
+    async def slow(event: StringValue, ctx: Context) -> None:
+        started.set()
+        await asyncio.sleep(0.05)
+        finished.append(event.value)
+
+    bus.bind(settings.consumer_group, router.event_types())
+    await publish_to(bus, router, StringValue(value="x"))
+    running = RunningLoop(make_loop(router, bus, MemoryStateStore(10, 60, time.time), settings))
+    await asyncio.wait_for(started.wait(), 5)
+    stats = await running.stop_gracefully()
+    assert finished == ["x"]
+    assert stats.acked == 1
+    assert bus.pending(settings.consumer_group) == 0
+
+
+async def test_drain_deadline_leaves_unfinished_work_for_redelivery() -> None:
+    bus = MemoryBus()
+    settings = fast_settings(drain_timeout_s=0.05)
+    started = asyncio.Event()
+    router = Router()
+
+    @router.handles(StringValue)
+    async def stuck(event: StringValue, ctx: Context) -> None:
+        started.set()
+        await asyncio.sleep(60)
+
+    bus.bind(settings.consumer_group, router.event_types())
+    await publish_to(bus, router, StringValue(value="x"))
+    running = RunningLoop(make_loop(router, bus, MemoryStateStore(10, 60, time.time), settings))
+    await asyncio.wait_for(started.wait(), 5)
+    stats = await asyncio.wait_for(running.stop_gracefully(), 5)
+    assert stats.acked == 0
+    assert bus.pending(settings.consumer_group) == 1
+    assert bus.queue(settings.consumer_group).ready[0].redelivered
