@@ -34,7 +34,7 @@ def prune(root: Path, broker: str) -> None:
 
 
 def main() -> int:
-    answers = json.loads(r'''{{ cookiecutter | tojson }}''')
+    answers = json.loads(r"""{{ cookiecutter | tojson }}""")
     try:
         prune(Path.cwd(), answers["broker"])
     except (ValueError, OSError) as error:

@@ -12,6 +12,8 @@ PACKAGE_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
 EMAIL = re.compile(r"^[^@\s]+@[^@\s]+$")
 # Kubernetes object names are DNS labels: at most 63 characters.
 MAX_SERVICE_NAME = 63
+# Keeps generated import lines within the 100-column lint limit.
+MAX_PACKAGE_NAME = 40
 # Names the generated package must not take: they would shadow imports it relies on.
 RESERVED_PACKAGES = {"runtime", "events", "handlers", "tests", "google", "grpc"}
 
@@ -26,12 +28,17 @@ def validate(answers: dict[str, str]) -> str | None:
             "single dashes, starting with a letter (e.g. order-service)"
         )
     if len(service) > MAX_SERVICE_NAME:
-        return f"service_name {service!r} is longer than {MAX_SERVICE_NAME} characters (Kubernetes limit)"
+        return (
+            f"service_name {service!r} is longer than {MAX_SERVICE_NAME} characters "
+            "(the Kubernetes name limit)"
+        )
     if not PACKAGE_NAME.match(package) or not package.isidentifier():
         return (
             f"package_name {package!r} is not a Python identifier: use lowercase letters, "
             "digits and underscores, not starting with a digit"
         )
+    if len(package) > MAX_PACKAGE_NAME:
+        return f"package_name {package!r} is longer than {MAX_PACKAGE_NAME} characters"
     if keyword.iskeyword(package) or keyword.issoftkeyword(package):
         return f"package_name {package!r} is a Python keyword"
     if package in sys.stdlib_module_names or package in RESERVED_PACKAGES:
@@ -47,7 +54,7 @@ def validate(answers: dict[str, str]) -> str | None:
 
 def main() -> int:
     # Answers arrive as data (JSON), never pasted into code; tojson escapes quotes.
-    answers = json.loads(r'''{{ cookiecutter | tojson }}''')
+    answers = json.loads(r"""{{ cookiecutter | tojson }}""")
     problem = validate(answers)
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)

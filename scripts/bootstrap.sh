@@ -8,8 +8,8 @@ if [ ! -x "$root/.venv/bin/python" ]; then
     "$python" -m venv "$root/.venv"
 fi
 stamp="$root/.venv/.requirements-dev.sha"
-want="$(sha256sum "$root/requirements-dev.txt" | cut -d' ' -f1)"
+want="$(sha256sum "$root/scripts/requirements-dev.txt" | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    "$root/.venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$root/requirements-dev.txt"
+    "$root/.venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$root/scripts/requirements-dev.txt"
     echo "$want" > "$stamp"
 fi

@@ -1,3 +1,3 @@
-{{ cookiecutter.description | tojson }}
+"""The {{ cookiecutter.service_name }} service: handlers in handlers.py, see README.md."""
 
 SERVICE_NAME = "{{ cookiecutter.service_name }}"

@@ -1,0 +1,55 @@
+"""Shared helpers for the template's tests: bake the template into a temporary folder."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TEMPLATE = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def tool(name: str) -> str:
+    """A tool installed beside this interpreter (the template's .venv), else from PATH."""
+    local = BIN / name
+    found = str(local) if local.exists() else shutil.which(name)
+    if found is None:
+        raise RuntimeError(f"{name} is not installed; run scripts/bootstrap.sh")
+    return found
+
+
+def tool_env() -> dict[str, str]:
+    """Environment for baked services' commands: our uv first on PATH, no Python downloads."""
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["UV_PYTHON_DOWNLOADS"] = "never"
+    env["UV_PYTHON"] = sys.executable
+    env.pop("VIRTUAL_ENV", None)
+    return env
+
+
+def bake_cli(output_dir: Path, **answers: str) -> subprocess.CompletedProcess[str]:
+    """Run the cookiecutter command line, as a user would."""
+    args = [tool("cookiecutter"), "--no-input", "-o", str(output_dir), str(TEMPLATE)]
+    args += [f"{key}={value}" for key, value in answers.items()]
+    return subprocess.run(args, capture_output=True, text=True, timeout=300)
+
+
+def bake(output_dir: Path, **answers: str) -> Path:
+    result = bake_cli(output_dir, **answers)
+    if result.returncode != 0:
+        raise AssertionError(f"bake failed:\n{result.stdout}\n{result.stderr}")
+    [service] = [path for path in output_dir.iterdir() if path.is_dir()]
+    return service
+
+
+@pytest.fixture
+def out(tmp_path: Path) -> Path:
+    folder = tmp_path / "out"
+    folder.mkdir()
+    return folder

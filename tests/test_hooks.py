@@ -1,0 +1,114 @@
+"""The hooks: bad answers are refused in one line; unchosen options leave no files."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from .conftest import TEMPLATE, bake_cli
+
+GOOD = {
+    "service_name": "order-service",
+    "package_name": "order_service",
+    "description": "d",
+    "author_name": "Team",
+    "author_email": "team@example.com",
+    "broker": "kafka",
+    "python_version": "3.11",
+}
+
+
+def load_hook(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, TEMPLATE / "hooks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+PRE = load_hook("pre_gen_project")
+POST = load_hook("post_gen_project")
+
+
+def test_good_answers_pass() -> None:
+    assert PRE.validate(GOOD) is None
+    assert (
+        PRE.validate({**GOOD, "service_name": "billing-v2", "package_name": "billing_v2"}) is None
+    )
+
+
+@pytest.mark.parametrize(
+    ("answers", "expected"),
+    [
+        (
+            {"service_name": "Order-Service"},
+            "service_name 'Order-Service' is not a slug",
+        ),
+        ({"service_name": "order_service"}, "is not a slug"),
+        ({"service_name": "2fast"}, "is not a slug"),
+        ({"service_name": "order--service"}, "is not a slug"),
+        ({"service_name": "order-service-"}, "is not a slug"),
+        ({"service_name": "a" * 64}, "longer than 63 characters"),
+        ({"package_name": "2fast"}, "package_name '2fast' is not a Python identifier"),
+        ({"package_name": "order-service"}, "is not a Python identifier"),
+        ({"package_name": "class"}, "package_name 'class' is a Python keyword"),
+        ({"package_name": "match"}, "is a Python keyword"),
+        ({"package_name": "json"}, "package_name 'json' would shadow"),
+        ({"package_name": "asyncio"}, "would shadow"),
+        ({"package_name": "google"}, "would shadow"),
+        ({"package_name": "a" * 41}, "longer than 40 characters"),
+        ({"description": "two\nlines"}, "description must be a single line"),
+        ({"author_email": "nobody"}, "author_email 'nobody' is not an e-mail address"),
+        ({"author_name": "  "}, "author_name must not be empty"),
+    ],
+)
+def test_bad_answers_are_refused_with_a_reason(answers: dict[str, str], expected: str) -> None:
+    problem = PRE.validate({**GOOD, **answers})
+    assert problem is not None
+    assert expected in problem
+    assert "\n" not in problem
+
+
+@pytest.mark.parametrize(
+    ("answers", "expected"),
+    [
+        ({"service_name": "Bad Name"}, "error: service_name 'Bad Name' is not a slug"),
+        ({"package_name": "json"}, "error: package_name 'json' would shadow"),
+    ],
+)
+def test_cookiecutter_refuses_bad_answers_and_writes_nothing(
+    out: Path, answers: dict[str, str], expected: str
+) -> None:
+    result = bake_cli(out, **answers)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert lines == [next(line for line in lines if expected in line)]
+    assert list(out.iterdir()) == []
+
+
+def test_cookiecutter_refuses_an_unknown_choice(out: Path) -> None:
+    result = bake_cli(out, broker="nats")
+    assert result.returncode != 0
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("broker", ["kafka", "rabbitmq"])
+def test_post_gen_keeps_only_the_chosen_broker_files(tmp_path: Path, broker: str) -> None:
+    for paths in POST.BROKER_FILES.values():
+        for relative in paths:
+            (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / relative).write_text("x")
+    POST.prune(tmp_path, broker)
+    other = next(name for name in POST.BROKER_FILES if name != broker)
+    for relative in POST.BROKER_FILES[other]:
+        assert not (tmp_path / relative).exists()
+    assert (tmp_path / "docker-compose.yml").exists()
+    assert not (tmp_path / "compose").exists()
+
+
+def test_post_gen_refuses_an_unknown_broker(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown broker 'nats'"):
+        POST.prune(tmp_path, "nats")
