@@ -9,20 +9,33 @@ from pathlib import Path
 
 # Files (relative to the generated service) that exist only for one broker choice.
 # The chosen broker's compose file becomes docker-compose.yml.
+# `{package}` stands for the package name.
 BROKER_FILES: dict[str, list[str]] = {
-    "kafka": ["compose/kafka.yml"],
-    "rabbitmq": ["compose/rabbitmq.yml"],
+    "kafka": [
+        "compose/kafka.yml",
+        "src/{package}/runtime/brokers/kafka.py",
+        "tests/runtime/test_kafka.py",
+        "tests/integration/kafka_support.py",
+        "tests/integration/test_kafka_only.py",
+    ],
+    "rabbitmq": [
+        "compose/rabbitmq.yml",
+        "src/{package}/runtime/brokers/rabbitmq.py",
+        "tests/runtime/test_rabbitmq.py",
+        "tests/integration/rabbitmq_support.py",
+        "tests/integration/test_rabbitmq_only.py",
+    ],
 }
 
 
-def prune(root: Path, broker: str) -> None:
+def prune(root: Path, broker: str, package: str) -> None:
     if broker not in BROKER_FILES:
         raise ValueError(f"unknown broker {broker!r}; choose one of {sorted(BROKER_FILES)}")
     for other, paths in BROKER_FILES.items():
         if other == broker:
             continue
         for relative in paths:
-            target = root / relative
+            target = root / relative.format(package=package)
             if target.is_dir():
                 shutil.rmtree(target)
             elif target.exists():
@@ -36,7 +49,7 @@ def prune(root: Path, broker: str) -> None:
 def main() -> int:
     answers = json.loads(r"""{{ cookiecutter | tojson }}""")
     try:
-        prune(Path.cwd(), answers["broker"])
+        prune(Path.cwd(), answers["broker"], answers["package_name"])
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

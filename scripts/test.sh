@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs every template test: hooks, a baked option matrix (lint + each baked service's
-# own `make test` / `make lint`). Installs its own tools first (scripts/bootstrap.sh).
+# own `make test` / `make lint`, whose integration suite runs against the real servers
+# started here). Installs its own tools (scripts/bootstrap.sh) and servers
+# (scripts/servers.sh) first; stops the servers it started when done.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/bootstrap.sh"
@@ -8,4 +10,8 @@ export UV_PYTHON_DOWNLOADS=never
 cd "$root"
 .venv/bin/ruff check hooks tests
 .venv/bin/ruff format --check hooks tests
-exec .venv/bin/python -m pytest "$@"
+if [ "${SKIP_SERVERS:-}" != "1" ]; then
+    eval "$(bash scripts/servers.sh start)"
+    trap 'bash "$root/scripts/servers.sh" stop' EXIT
+fi
+.venv/bin/python -m pytest "$@"

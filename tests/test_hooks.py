@@ -97,18 +97,20 @@ def test_cookiecutter_refuses_an_unknown_choice(out: Path) -> None:
 
 @pytest.mark.parametrize("broker", ["kafka", "rabbitmq"])
 def test_post_gen_keeps_only_the_chosen_broker_files(tmp_path: Path, broker: str) -> None:
-    for paths in POST.BROKER_FILES.values():
-        for relative in paths:
-            (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
-            (tmp_path / relative).write_text("x")
-    POST.prune(tmp_path, broker)
+    def files(name: str) -> list[Path]:
+        return [tmp_path / path.format(package="pkg") for path in POST.BROKER_FILES[name]]
+
+    for path in files("kafka") + files("rabbitmq"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+    POST.prune(tmp_path, broker, "pkg")
     other = next(name for name in POST.BROKER_FILES if name != broker)
-    for relative in POST.BROKER_FILES[other]:
-        assert not (tmp_path / relative).exists()
+    assert not any(path.exists() for path in files(other))
+    assert all(path.exists() for path in files(broker)[1:])
     assert (tmp_path / "docker-compose.yml").exists()
     assert not (tmp_path / "compose").exists()
 
 
 def test_post_gen_refuses_an_unknown_broker(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown broker 'nats'"):
-        POST.prune(tmp_path, "nats")
+        POST.prune(tmp_path, "nats", "pkg")

@@ -60,6 +60,10 @@ class RunningLoop:
         self.stop = asyncio.Event()
         self.task: asyncio.Task[LoopStats] = asyncio.create_task(loop.run(self.stop))
 
+    async def wait_started(self, deadline_s: float = 30.0) -> None:
+        """Wait until the loop subscribed: messages published after this reach it."""
+        await self.wait_until(self.loop.started.is_set, deadline_s)
+
     async def wait_until(self, done: Callable[[], bool], deadline_s: float = 10.0) -> None:
         async with asyncio.timeout(deadline_s):
             while not done():

@@ -108,7 +108,8 @@ async def _emit(
     broker = open_broker(settings)
     await broker.start([])
     try:
-        await broker.publish([OutboundMessage(type_name, codec.encode(envelope), key)])
+        topic = settings.topic_for(type_name)
+        await broker.publish([OutboundMessage(topic, codec.encode(envelope), key)])
     finally:
         await broker.close()
     print(json.dumps({"id": envelope.id, "type": type_name, "key": key}))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -22,6 +22,7 @@ PACKAGE_NAME = __name__.split(".")[0]
 ENV_PREFIX = f"{PACKAGE_NAME.upper()}_"
 BROKER_SCHEMES = ("memory", "kafka", "amqp", "amqps")
 STATE_SCHEMES = ("memory",)
+S = TypeVar("S", bound=BaseSettings)
 
 
 def _check_url(value: str, schemes: tuple[str, ...], example: str) -> str:
@@ -44,6 +45,7 @@ class Settings(BaseSettings):
         f"urn:service:{SERVICE_NAME}", description="CloudEvents `source` of emitted events"
     )
     dead_letter_suffix: str = Field(".dlq", description="Appended to the group for the DLQ")
+    topic_prefix: str = Field("", description="Prepended to every topic / routing key")
     batch_size: int = Field(500, gt=0, le=100_000, description="Max messages per batch")
     batch_timeout_ms: int = Field(200, ge=0, description="Max wait to fill a batch")
     max_message_bytes: int = Field(1_048_576, gt=0, description="Larger messages are dead-lettered")
@@ -60,6 +62,9 @@ class Settings(BaseSettings):
         description="Touched by the loop; `healthcheck` reads it",
     )
     heartbeat_max_age_s: float = Field(30.0, gt=0, description="Older heartbeat = unhealthy")
+    broker_tls_ca_file: Path | None = Field(None, description="CA bundle to verify the broker")
+    broker_tls_cert_file: Path | None = Field(None, description="Client certificate (mutual TLS)")
+    broker_tls_key_file: Path | None = Field(None, description="Client certificate's key")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO")
     log_format: Literal["auto", "json", "console"] = Field("auto")
 
@@ -88,11 +93,15 @@ class Settings(BaseSettings):
     def dead_letter_destination(self) -> str:
         return self.consumer_group + self.dead_letter_suffix
 
+    def topic_for(self, event_type: str) -> str:
+        """The topic (Kafka) or routing key (RabbitMQ) events of `event_type` travel on."""
+        return self.topic_prefix + event_type
 
-def _file_values() -> dict[str, str]:
+
+def _file_values(model: type[BaseSettings]) -> dict[str, str]:
     """Values of `<PREFIX><FIELD>_FILE` variables: the named file's content, stripped."""
     values: dict[str, str] = {}
-    for name in Settings.model_fields:
+    for name in model.model_fields:
         path = os.environ.get(f"{ENV_PREFIX}{name.upper()}_FILE")
         if path is None:
             continue
@@ -105,12 +114,17 @@ def _file_values() -> dict[str, str]:
     return values
 
 
-def load_settings(**overrides: Any) -> Settings:
-    """Settings from the environment; raises ConfigError with one line naming the variable."""
+def load_model(model: type[S], **overrides: Any) -> S:
+    """A settings model from the environment (and *_FILE variables), or one-line ConfigError."""
     try:
-        return Settings(**{**_file_values(), **overrides})
+        return model(**{**_file_values(model), **overrides})
     except ValidationError as error:
         raise ConfigError(describe_validation_error(error)) from None
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment; raises ConfigError with one line naming the variable."""
+    return load_model(Settings, **overrides)
 
 
 def describe_validation_error(error: ValidationError) -> str:

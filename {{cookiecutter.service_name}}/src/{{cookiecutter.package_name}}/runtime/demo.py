@@ -17,7 +17,7 @@ async def run_demo(router: Router, samples: list[tuple[Message, str]]) -> str:
     if not samples:
         raise ValueError("the demo needs at least one sample event")
     service = ServiceHarness(router, max_message_bytes=64 * 1024)
-    topic = router.event_types()[0]
+    topic = service.settings.topic_for(router.event_types()[0])
     ids = [await service.publish(event, key=key) for event, key in samples]
     first_event, first_key = samples[0]
     await service.publish(first_event, key=first_key, event_id=ids[0])  # a producer retried

@@ -99,12 +99,17 @@ class ConsumerLoop:
         self.log = get_logger(service=settings.consumer_group)
         self._windows: dict[str, DedupeWindow] = {}
         self._semaphore = asyncio.Semaphore(settings.max_concurrency)
+        # Set once the broker is connected and subscribed (tests and demos wait for it).
+        self.started = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> LoopStats:
         """Consume until `stop` is set, then drain in-flight work within the deadline."""
         await self.state.open()
-        await self.broker.start(self.router.event_types())
-        self.log.info("started", event_types=self.router.event_types())
+        topics = [self.settings.topic_for(name) for name in self.router.event_types()]
+        self.broker.on_streams_revoked = self._forget_streams
+        await self._until_done("connect", partial(self.broker.start, topics))
+        self.log.info("started", topics=topics)
+        self.started.set()
         try:
             while not stop.is_set():
                 self._beat(ready=True)
@@ -281,7 +286,7 @@ class ConsumerLoop:
             },
         )
         return OutboundMessage(
-            topic=event_type,
+            topic=self.settings.topic_for(event_type),
             body=self.codec.encode(envelope),
             key=emitted.key,
             headers={CONTENT_TYPE_HEADER: self.codec.content_type},
@@ -300,6 +305,11 @@ class ConsumerLoop:
                 ids=len(window),
                 seconds=round(time.perf_counter() - started, 4),
             )
+
+    def _forget_streams(self, streams: set[str]) -> None:
+        """Streams given up in a rebalance: their next owner restores them from the store."""
+        for stream in streams:
+            self._windows.pop(stream, None)
 
     async def _commit(self, processed: dict[str, list[tuple[str, float]]]) -> None:
         await asyncio.gather(*(self.state.commit(s, records) for s, records in processed.items()))

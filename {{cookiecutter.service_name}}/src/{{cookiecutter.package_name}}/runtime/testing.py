@@ -59,7 +59,10 @@ class ServiceHarness:
         self.stats = LoopStats()
         self._published_by_test: set[int] = set()
         # Bind now so events published before the first run are queued for the service.
-        self.bus.bind(self.settings.consumer_group, router.event_types())
+        self.bus.bind(
+            self.settings.consumer_group,
+            [self.settings.topic_for(name) for name in router.event_types()],
+        )
 
     @property
     def group(self) -> str:
@@ -83,7 +86,8 @@ class ServiceHarness:
             subject=key,
             time=now(),
         )
-        self.publish_raw(self.codec.encode(envelope), topic or event_type_of(message), key=key)
+        topic = topic or self.settings.topic_for(event_type_of(message))
+        self.publish_raw(self.codec.encode(envelope), topic, key=key)
         return envelope.id
 
     def publish_raw(self, body: bytes, topic: str, *, key: str = "") -> None:
@@ -120,7 +124,12 @@ class ServiceHarness:
                 continue
             if message.topic == self.settings.dead_letter_destination:
                 continue
-            if message_type is not None and message.topic != event_type_of(message_type):
+            wanted = (
+                None
+                if message_type is None
+                else self.settings.topic_for(event_type_of(message_type))
+            )
+            if wanted is not None and message.topic != wanted:
                 continue
             found.append(self.codec.decode(message.body))
         return found

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 # Headers on dead-lettered messages (the body is the original bytes, unchanged).
 DLQ_REASON = "x-dead-letter-reason"
@@ -29,6 +30,8 @@ class InboundMessage:
     key: str | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
     redelivered: bool = False
+    # The adapter's own delivery object (an aio-pika message, ...); opaque to the loop.
+    handle: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,8 +66,23 @@ def dead_letter_message(
     return OutboundMessage(destination, origin.body, origin.key or "", headers)
 
 
+def text_headers(pairs: Sequence[tuple[str, bytes]]) -> dict[str, str]:
+    """Binary broker headers as text; undecodable values are kept, escaped, not dropped."""
+    return {name: value.decode("utf-8", "backslashreplace") for name, value in pairs}
+
+
+def binary_headers(headers: Mapping[str, str]) -> list[tuple[str, bytes]]:
+    return [(name, value.encode()) for name, value in headers.items()]
+
+
 class Broker(ABC):
-    """One consumer plus producer on a bus. All methods are safe to call from one task."""
+    """One consumer plus producer on a bus. All methods are safe to call from one task.
+
+    `on_streams_revoked`, when set (by the loop), is called with the streams this
+    consumer just gave up (a Kafka rebalance), after their in-flight work was drained.
+    """
+
+    on_streams_revoked: Callable[[set[str]], None] | None = None
 
     @abstractmethod
     async def start(self, topics: Sequence[str]) -> None:

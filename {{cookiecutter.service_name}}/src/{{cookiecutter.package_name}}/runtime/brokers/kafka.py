@@ -1,0 +1,273 @@
+"""Kafka adapter (aiokafka): consumer group, contiguous offset commits, drain on revoke.
+
+Keys are partitioned with aiokafka's default partitioner, which is the Java client's
+murmur2 (toPositive(murmur2(key)) % partitions), so a key lands on the same partition
+whichever language produced it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ..config import ENV_PREFIX, Settings, load_model
+from ..logs import get_logger
+from .base import (
+    Broker,
+    BrokerUnavailable,
+    InboundMessage,
+    OutboundMessage,
+    binary_headers,
+    text_headers,
+)
+from .tls import tls_context
+
+log = get_logger(component="kafka")
+
+
+class KafkaSettings(BaseSettings):
+    """Kafka-only settings; the same prefix as every other variable."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: str | None = None
+    kafka_create_topics: bool = Field(True, description="Create missing topics at start")
+    kafka_topic_partitions: int = Field(3, gt=0, description="Partitions of created topics")
+    kafka_replication_factor: int = Field(1, gt=0, description="Replicas of created topics")
+    kafka_session_timeout_ms: int = Field(10_000, gt=0)
+
+    @model_validator(mode="after")
+    def _sasl_needs_credentials(self) -> KafkaSettings:
+        if self.kafka_security_protocol.startswith("SASL") and not (
+            self.kafka_sasl_username and self.kafka_sasl_password
+        ):
+            raise ValueError("SASL needs KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD")
+        return self
+
+
+def bootstrap_servers(url: str) -> list[str]:
+    """kafka://host:port,host:port -> ["host:port", ...]"""
+    hosts = [host.strip() for host in urlsplit(url).netloc.split(",") if host.strip()]
+    return hosts or ["localhost:9092"]
+
+
+def stream_of(topic: str, partition: int) -> str:
+    return f"{topic}:{partition}"
+
+
+class _Offsets:
+    """Delivered offsets of one partition; commits only the finished contiguous prefix."""
+
+    def __init__(self) -> None:
+        self.delivered: list[int] = []
+        self.finished: set[int] = set()
+
+    def commit_point(self) -> int | None:
+        """Offset to commit (next to read), or None if the oldest delivery is unfinished."""
+        done = 0
+        while done < len(self.delivered) and self.delivered[done] in self.finished:
+            self.finished.discard(self.delivered[done])
+            done += 1
+        if done == 0:
+            return None
+        point = self.delivered[done - 1] + 1
+        del self.delivered[:done]
+        return point
+
+
+class KafkaBroker(Broker):
+    def __init__(self, settings: Settings, kafka: KafkaSettings) -> None:
+        self.settings = settings
+        self.kafka = kafka
+        self._producer: AIOKafkaProducer | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+        self._offsets: dict[TopicPartition, _Offsets] = defaultdict(_Offsets)
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def _client_options(self) -> dict[str, Any]:
+        kafka = self.kafka
+        protocol = kafka.kafka_security_protocol
+        options: dict[str, Any] = {
+            "bootstrap_servers": bootstrap_servers(self.settings.broker_url),
+            "security_protocol": protocol,
+            "client_id": self.settings.consumer_group,
+        }
+        if protocol in ("SSL", "SASL_SSL"):
+            options["ssl_context"] = tls_context(self.settings, required=True)
+        if protocol.startswith("SASL"):
+            options["sasl_mechanism"] = kafka.kafka_sasl_mechanism
+            options["sasl_plain_username"] = kafka.kafka_sasl_username
+            options["sasl_plain_password"] = kafka.kafka_sasl_password
+        return options
+
+    async def start(self, topics: Sequence[str]) -> None:
+        options = self._client_options()
+        if self.kafka.kafka_create_topics:
+            await self._create_missing_topics([*topics, self.settings.dead_letter_destination])
+        if self._producer is None:  # start() is retried after a failure: keep what started
+            producer = AIOKafkaProducer(
+                **options, acks="all", enable_idempotence=False, linger_ms=2
+            )
+            await _unavailable_on_error(producer.start())
+            self._producer = producer
+        if not topics:
+            return
+        consumer = AIOKafkaConsumer(
+            **options,
+            group_id=self.settings.consumer_group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=self.settings.batch_size,
+            session_timeout_ms=self.kafka.kafka_session_timeout_ms,
+        )
+        consumer.subscribe(list(topics), listener=_DrainOnRevoke(self))
+        try:
+            await _unavailable_on_error(consumer.start())
+        except BrokerUnavailable:
+            await consumer.stop()
+            raise
+        self._consumer = consumer
+
+    async def _create_missing_topics(self, topics: Sequence[str]) -> None:
+        admin = AIOKafkaAdminClient(**self._client_options())
+        await _unavailable_on_error(admin.start())
+        try:
+            existing = set(await admin.list_topics())
+            missing = sorted(set(topics) - existing)
+            if missing:
+                await admin.create_topics(
+                    [
+                        NewTopic(
+                            topic,
+                            self.kafka.kafka_topic_partitions,
+                            self.kafka.kafka_replication_factor,
+                        )
+                        for topic in missing
+                    ]
+                )
+                log.info("created topics", topics=missing)
+        finally:
+            await admin.close()
+
+    async def fetch(self, max_messages: int, max_wait_s: float) -> list[InboundMessage]:
+        assert self._consumer is not None, "fetch needs start() with topics"
+        records = await self._consumer.getmany(
+            timeout_ms=int(max_wait_s * 1000), max_records=max_messages
+        )
+        batch: list[InboundMessage] = []
+        for partition, messages in records.items():
+            offsets = self._offsets[partition]
+            for record in messages:
+                offsets.delivered.append(record.offset)
+                batch.append(
+                    InboundMessage(
+                        body=record.value or b"",
+                        topic=record.topic,
+                        stream=stream_of(record.topic, record.partition),
+                        position=record.offset,
+                        key=record.key.decode("utf-8", "backslashreplace") if record.key else None,
+                        headers=text_headers(record.headers),
+                        handle=partition,
+                    )
+                )
+        if batch:
+            self._idle.clear()
+        return batch
+
+    async def publish(self, messages: Sequence[OutboundMessage]) -> None:
+        assert self._producer is not None, "publish needs start()"
+        try:
+            sent = [
+                await self._producer.send(
+                    message.topic,
+                    message.body,
+                    key=message.key.encode() if message.key else None,
+                    headers=binary_headers(message.headers),
+                )
+                for message in messages
+            ]
+            await asyncio.gather(*sent)
+        except KafkaError as error:
+            raise BrokerUnavailable(f"kafka publish failed: {error!r}") from error
+
+    async def ack(self, messages: Sequence[InboundMessage]) -> None:
+        assert self._consumer is not None
+        for message in messages:
+            self._offsets[message.handle].finished.add(message.position)
+        commits: dict[TopicPartition, int] = {}
+        assigned = self._consumer.assignment()
+        for partition, offsets in list(self._offsets.items()):
+            point = offsets.commit_point()
+            if point is not None and partition in assigned:
+                commits[partition] = point
+        try:
+            if commits:
+                await self._consumer.commit(commits)
+        except (CommitFailedError, IllegalStateError) as error:
+            # The group moved on (rebalance): the new owner gets these again; dedupe drops them.
+            log.warning("commit refused after a rebalance", error=str(error))
+        except KafkaError as error:
+            raise BrokerUnavailable(f"kafka commit failed: {error!r}") from error
+        finally:
+            if not any(offsets.delivered for offsets in self._offsets.values()):
+                self._idle.set()
+
+    async def revoke(self, partitions: set[TopicPartition]) -> None:
+        """Let in-flight work of revoked partitions finish and commit, then forget them."""
+        if not self._idle.is_set():
+            log.info("rebalance: draining in-flight work", partitions=len(partitions))
+            try:
+                await asyncio.wait_for(self._idle.wait(), self.settings.drain_timeout_s)
+            except TimeoutError:
+                log.warning("rebalance: drain deadline passed; uncommitted work is redelivered")
+        for partition in partitions:
+            self._offsets.pop(partition, None)
+        if self.on_streams_revoked is not None:
+            self.on_streams_revoked({stream_of(tp.topic, tp.partition) for tp in partitions})
+
+    async def close(self) -> None:
+        if self._consumer is not None:
+            await self._consumer.stop()  # no commit: unacked work is redelivered
+            self._consumer = None
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None
+
+
+class _DrainOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, broker: KafkaBroker) -> None:
+        self.broker = broker
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        if revoked:
+            await self.broker.revoke(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        log.info(
+            "partitions assigned", partitions=sorted(f"{p.topic}:{p.partition}" for p in assigned)
+        )
+
+
+async def _unavailable_on_error(step: Any) -> None:
+    try:
+        await step
+    except KafkaError as error:
+        raise BrokerUnavailable(f"kafka: {error!r}") from error
+
+
+def open_broker(settings: Settings) -> Broker:
+    return KafkaBroker(settings, load_model(KafkaSettings))

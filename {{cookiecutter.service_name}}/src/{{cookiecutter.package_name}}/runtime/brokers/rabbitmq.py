@@ -1,0 +1,216 @@
+"""RabbitMQ adapter (aio-pika): topic exchange routed by event type, durable quorum queue,
+dead-letter exchange, publisher confirms, prefetch, multiple-ack, robust reconnect.
+
+After a reconnect the delivery tags of the old channel are void: such messages are never
+acked (RabbitMQ redelivers them, flagged redelivered, and dedupe drops what was handled).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractRobustConnection,
+)
+from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ..config import ENV_PREFIX, Settings, load_model
+from ..logs import get_logger
+from .base import Broker, BrokerUnavailable, InboundMessage, OutboundMessage
+from .tls import tls_context
+
+log = get_logger(component="rabbitmq")
+KEY_HEADER = "x-event-key"
+TRANSIENT = (AMQPError, ChannelInvalidStateError, ConnectionError, TimeoutError)
+
+
+class RabbitMQSettings(BaseSettings):
+    """RabbitMQ-only settings; the same prefix as every other variable."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    amqp_exchange: str = Field("events", description="Topic exchange every service publishes to")
+    amqp_delivery_limit: int = Field(
+        20, gt=0, description="Deliveries before the quorum queue dead-letters a message"
+    )
+    amqp_prefetch_batches: int = Field(2, gt=0, description="Prefetch = this x BATCH_SIZE")
+    amqp_reconnect_interval_s: float = Field(2.0, gt=0, description="Wait between reconnects")
+
+
+class RabbitMQBroker(Broker):
+    def __init__(self, settings: Settings, rabbit: RabbitMQSettings) -> None:
+        self.settings = settings
+        self.rabbit = rabbit
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._exchange: AbstractExchange | None = None
+        self._dead_letters: AbstractExchange | None = None
+        self._buffer: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+
+    async def start(self, topics: Sequence[str]) -> None:
+        settings = self.settings
+        tls = tls_context(settings, required=settings.broker_url.startswith("amqps:"))
+        try:
+            self._connection = await aio_pika.connect_robust(
+                settings.broker_url,
+                ssl_context=tls,
+                client_properties={"connection_name": settings.consumer_group},
+                reconnect_interval=self.rabbit.amqp_reconnect_interval_s,
+            )
+            self._connection.reconnect_callbacks.add(self._on_reconnect)
+            channel = await self._connection.channel(publisher_confirms=True)
+            self._channel = channel
+            await channel.set_qos(
+                prefetch_count=settings.batch_size * self.rabbit.amqp_prefetch_batches
+            )
+            self._exchange = await channel.declare_exchange(
+                self.rabbit.amqp_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+            )
+            self._dead_letters = await self._declare_dead_letter_queue(channel)
+            if topics:
+                await self._consume(channel, topics)
+        except TRANSIENT as error:
+            await self.close()
+            raise BrokerUnavailable(f"rabbitmq: {error!r}") from error
+
+    async def _declare_dead_letter_queue(self, channel: AbstractChannel) -> AbstractExchange:
+        name = self.settings.dead_letter_destination
+        exchange = await channel.declare_exchange(name, aio_pika.ExchangeType.FANOUT, durable=True)
+        queue = await channel.declare_queue(
+            name, durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        await queue.bind(exchange)
+        return exchange
+
+    async def _consume(self, channel: AbstractChannel, topics: Sequence[str]) -> None:
+        queue = await channel.declare_queue(
+            self.settings.consumer_group,
+            durable=True,
+            arguments={
+                "x-queue-type": "quorum",
+                # Poison that kills the process before it can be acked still ends up parked.
+                "x-dead-letter-exchange": self.settings.dead_letter_destination,
+                "x-delivery-limit": self.rabbit.amqp_delivery_limit,
+            },
+        )
+        assert self._exchange is not None
+        for topic in topics:
+            await queue.bind(self._exchange, routing_key=topic)
+        await queue.consume(self._on_message, no_ack=False)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        self._buffer.put_nowait(message)
+
+    def _on_reconnect(self, *_: Any) -> None:
+        stale = self._buffer.qsize()
+        self._buffer = asyncio.Queue()  # old deliveries come back as redeliveries
+        log.warning("reconnected; dropped deliveries of the old channel", dropped=stale)
+
+    async def fetch(self, max_messages: int, max_wait_s: float) -> list[InboundMessage]:
+        buffer = self._buffer
+        deliveries: list[AbstractIncomingMessage] = []
+        try:
+            deliveries.append(await asyncio.wait_for(buffer.get(), max_wait_s))
+        except TimeoutError:
+            return []
+        while len(deliveries) < max_messages and not buffer.empty():
+            deliveries.append(buffer.get_nowait())
+        return [
+            InboundMessage(
+                body=delivery.body,
+                topic=delivery.routing_key or "",
+                stream=self.settings.consumer_group,
+                position=delivery.delivery_tag or 0,
+                key=_text(delivery.headers.get(KEY_HEADER)),
+                headers={
+                    name: text
+                    for name, value in delivery.headers.items()
+                    if (text := _text(value)) is not None
+                },
+                redelivered=bool(delivery.redelivered),
+                handle=delivery,
+            )
+            for delivery in deliveries
+            if _channel_open(delivery)
+        ]
+
+    async def publish(self, messages: Sequence[OutboundMessage]) -> None:
+        if self._exchange is None or self._dead_letters is None:
+            raise BrokerUnavailable("rabbitmq: not connected")
+        dead_letter_destination = self.settings.dead_letter_destination
+        sends = []
+        for message in messages:
+            headers: dict[str, Any] = dict(message.headers)
+            if message.key:
+                headers[KEY_HEADER] = message.key
+            amqp_message = aio_pika.Message(
+                message.body,
+                headers=headers,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                content_type=message.headers.get("content-type"),
+            )
+            if message.topic == dead_letter_destination:
+                sends.append(self._dead_letters.publish(amqp_message, routing_key=""))
+            else:
+                sends.append(self._exchange.publish(amqp_message, routing_key=message.topic))
+        try:
+            await asyncio.gather(*sends)  # each returns when the broker confirmed it
+        except TRANSIENT as error:
+            raise BrokerUnavailable(f"rabbitmq publish failed: {error!r}") from error
+
+    async def ack(self, messages: Sequence[InboundMessage]) -> None:
+        live = [m for m in messages if _channel_open(m.handle)]
+        if len(live) < len(messages):
+            log.warning(
+                "not acking deliveries of a closed channel", count=len(messages) - len(live)
+            )
+        if not live:
+            return
+        # Deliveries arrive in tag order and batches are acked whole, so every tag up to
+        # the highest of this batch belongs to it (or was acked before): one multiple-ack.
+        last = max(live, key=lambda message: message.position)
+        try:
+            await last.handle.ack(multiple=True)
+        except TRANSIENT as error:
+            log.warning(
+                "ack lost with the channel; messages will be redelivered", error=repr(error)
+            )
+
+    async def drop_connection_for_tests(self) -> None:
+        """Break the connection as a network failure would; robust reconnect follows."""
+        assert self._connection is not None and self._connection.transport is not None
+        await self._connection.transport.connection.close(ConnectionError("dropped by a test"))
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._connection.close()  # unacked deliveries return to the queue
+            self._connection = None
+        self._channel = self._exchange = self._dead_letters = None
+
+
+def _channel_open(delivery: AbstractIncomingMessage) -> bool:
+    try:
+        delivery.channel  # noqa: B018 - raises once the delivery's channel is closed
+    except ChannelInvalidStateError:
+        return False
+    return True
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    return str(value)
+
+
+def open_broker(settings: Settings) -> Broker:
+    return RabbitMQBroker(settings, load_model(RabbitMQSettings))

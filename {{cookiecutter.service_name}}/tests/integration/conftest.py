@@ -1,0 +1,145 @@
+"""Backends for the conformance suite: the in-memory bus and the real broker this service
+was generated for. Real servers are used when their address is in the environment:
+
+    TEST_KAFKA_BOOTSTRAP=127.0.0.1:9092              (Kafka flavour)
+    TEST_AMQP_URL=amqp://guest:guest@127.0.0.1:5672/ (RabbitMQ flavour)
+
+Without an address the real-broker cases are skipped, except under CI=true, where a
+missing server fails the run. Template-owned; do not edit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from {{ cookiecutter.package_name }}.runtime.brokers import Broker, InboundMessage, open_broker
+from {{ cookiecutter.package_name }}.runtime.brokers.memory import MemoryBroker, MemoryBus
+from {{ cookiecutter.package_name }}.runtime.config import PACKAGE_NAME, Settings
+
+from ..runtime.conftest import FAST
+
+# Which real broker this service has: its support module survives baking.
+SUPPORT_MODULES = {"kafka": "kafka_support", "rabbitmq": "rabbitmq_support"}
+
+
+def _support(name: str) -> ModuleType | None:
+    try:
+        return importlib.import_module(f"{__package__}.{SUPPORT_MODULES[name]}")
+    except ModuleNotFoundError as error:
+        if error.name and error.name.endswith(SUPPORT_MODULES[name]):
+            return None
+        raise
+
+
+REAL = {name: module for name in SUPPORT_MODULES if (module := _support(name)) is not None}
+
+
+@dataclass
+class Backend:
+    """One bus to test against, isolated per test by a unique group and topic prefix."""
+
+    name: str
+    url: str
+    support: ModuleType | None
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
+    bus: MemoryBus = field(default_factory=MemoryBus)
+    opened: list[Broker] = field(default_factory=list)
+
+    def settings(self, **overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            **FAST,
+            "broker_url": self.url,
+            "consumer_group": f"it-{PACKAGE_NAME}-{self.run_id}",
+            "topic_prefix": f"it-{self.run_id}.",
+            "batch_timeout_ms": 100,
+        }
+        return Settings(**{**values, **overrides})
+
+    def broker(self, settings: Settings) -> Broker:
+        broker: Broker = (
+            MemoryBroker(self.bus, settings.consumer_group)
+            if self.support is None
+            else open_broker(settings)
+        )
+        self.opened.append(broker)
+        return broker
+
+    async def dead_letters(
+        self, settings: Settings, expected: int, deadline_s: float = 20.0
+    ) -> list[tuple[bytes, dict[str, str]]]:
+        """What the dead-letter destination holds, once `expected` messages are there."""
+        if self.support is None:
+            return [
+                (message.body, dict(message.headers))
+                for message in self.bus.messages(settings.dead_letter_destination)
+            ]
+        parked: list[tuple[bytes, dict[str, str]]] = await self.support.read_dead_letters(
+            settings, expected, deadline_s
+        )
+        return parked
+
+
+def make_backend(name: str) -> Backend:
+    if name == "memory":
+        return Backend("memory", "memory://", None)
+    support = REAL[name]
+    url: str | None = support.url_from_environment()
+    if url is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but {support.ADDRESS_VARIABLE} is not set: start the server")
+        pytest.skip(f"set {support.ADDRESS_VARIABLE} to run against a real {name}")
+    return Backend(name, url, support)
+
+
+@pytest.fixture(params=["memory", *REAL])
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    """Every bus this service can use: the memory bus and its real broker."""
+    chosen = make_backend(request.param)
+    yield chosen
+    for broker in chosen.opened:
+        await broker.close()
+
+
+@pytest.fixture(params=list(REAL))
+async def real_backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    """Only the real broker, for behaviour the memory bus does not model."""
+    chosen = make_backend(request.param)
+    yield chosen
+    for broker in chosen.opened:
+        await broker.close()
+
+
+async def fetch_at_least(
+    broker: Broker, count: int, deadline_s: float = 30.0
+) -> list[InboundMessage]:
+    """Fetch until `count` messages arrived (Kafka may first need to join the group)."""
+    got: list[InboundMessage] = []
+    async with asyncio.timeout(deadline_s):
+        while len(got) < count:
+            got += await broker.fetch(count - len(got), 0.2)
+    return got
+
+
+async def fetch_for(broker: Broker, seconds: float) -> list[InboundMessage]:
+    """Everything that arrives within `seconds`."""
+    got: list[InboundMessage] = []
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+    while loop.time() < end:
+        got += await broker.fetch(100, 0.1)
+    return got
+
+
+async def wait_until(done: Callable[[], bool], deadline_s: float = 30.0) -> None:
+    async with asyncio.timeout(deadline_s):
+        while not done():  # noqa: ASYNC110 - polls plain state, no event to wait on
+            await asyncio.sleep(0.01)

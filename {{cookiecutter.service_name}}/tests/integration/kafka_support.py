@@ -1,0 +1,42 @@
+"""Kafka helpers for the conformance suite (removed from RabbitMQ services). Template-owned."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from aiokafka import AIOKafkaConsumer
+
+from {{ cookiecutter.package_name }}.runtime.brokers.base import text_headers
+from {{ cookiecutter.package_name }}.runtime.brokers.kafka import bootstrap_servers
+from {{ cookiecutter.package_name }}.runtime.config import Settings
+
+ADDRESS_VARIABLE = "TEST_KAFKA_BOOTSTRAP"
+
+
+def url_from_environment() -> str | None:
+    address = os.environ.get(ADDRESS_VARIABLE)
+    return f"kafka://{address}" if address else None
+
+
+async def read_dead_letters(
+    settings: Settings, expected: int, deadline_s: float
+) -> list[tuple[bytes, dict[str, str]]]:
+    consumer = AIOKafkaConsumer(
+        settings.dead_letter_destination,
+        bootstrap_servers=bootstrap_servers(settings.broker_url),
+        group_id=None,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    parked: list[tuple[bytes, dict[str, str]]] = []
+    try:
+        async with asyncio.timeout(deadline_s):
+            while len(parked) < expected:
+                records = await consumer.getmany(timeout_ms=200)
+                for messages in records.values():
+                    parked += [(m.value or b"", text_headers(m.headers)) for m in messages]
+    finally:
+        await consumer.stop()
+    return parked

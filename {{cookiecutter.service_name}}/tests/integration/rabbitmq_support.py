@@ -1,0 +1,37 @@
+"""RabbitMQ helpers for the conformance suite (removed from Kafka services). Template-owned."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import aio_pika
+
+from {{ cookiecutter.package_name }}.runtime.config import Settings
+
+ADDRESS_VARIABLE = "TEST_AMQP_URL"
+
+
+def url_from_environment() -> str | None:
+    return os.environ.get(ADDRESS_VARIABLE) or None
+
+
+async def read_dead_letters(
+    settings: Settings, expected: int, deadline_s: float
+) -> list[tuple[bytes, dict[str, str]]]:
+    connection = await aio_pika.connect(settings.broker_url)
+    parked: list[tuple[bytes, dict[str, str]]] = []
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(settings.dead_letter_destination, passive=True)
+        async with asyncio.timeout(deadline_s):
+            while len(parked) < expected:
+                message = await queue.get(no_ack=True, fail=False)
+                if message is None:
+                    await asyncio.sleep(0.05)
+                    continue
+                headers = {name: str(value) for name, value in message.headers.items()}
+                parked.append((message.body, headers))
+    finally:
+        await connection.close()
+    return parked

@@ -1,0 +1,287 @@
+"""One conformance suite every broker adapter passes: memory, and the real broker this
+service was generated for (see conftest.py for addresses). Template-owned; do not edit."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+from google.protobuf.wrappers_pb2 import Int64Value, StringValue
+
+from {{ cookiecutter.package_name }}.runtime import Context, Router
+from {{ cookiecutter.package_name }}.runtime.app import build_loop
+from {{ cookiecutter.package_name }}.runtime.brokers.base import (
+    DLQ_REASON,
+    Broker,
+    InboundMessage,
+    OutboundMessage,
+)
+from {{ cookiecutter.package_name }}.runtime.config import Settings
+from {{ cookiecutter.package_name }}.runtime.envelope import (
+    CloudEventsProtobufCodec,
+    Envelope,
+    TypeRegistry,
+    new_event_id,
+)
+from {{ cookiecutter.package_name }}.runtime.loop import ConsumerLoop
+from {{ cookiecutter.package_name }}.runtime.state.memory import MemoryStateStore
+
+from ..runtime.conftest import RunningLoop
+from .conftest import Backend, fetch_at_least, fetch_for, wait_until
+
+CODEC = CloudEventsProtobufCodec(TypeRegistry([StringValue, Int64Value]))
+STRING_TYPE = "google.protobuf.StringValue"
+INT_TYPE = "google.protobuf.Int64Value"
+
+
+def event(value: str, key: str = "", event_id: str | None = None) -> bytes:
+    return CODEC.encode(
+        Envelope(
+            id=event_id or new_event_id(),
+            type=STRING_TYPE,
+            source="urn:test",
+            payload=StringValue(value=value),
+            subject=key,
+        )
+    )
+
+
+async def publish(
+    backend: Backend, settings: Settings, messages: Sequence[OutboundMessage]
+) -> None:
+    producer = backend.broker(settings)
+    await producer.start([])
+    await producer.publish(messages)
+
+
+def loop_for(
+    backend: Backend, settings: Settings, router: Router, state: MemoryStateStore
+) -> ConsumerLoop:
+    return build_loop(settings, router, broker=backend.broker(settings), state=state)
+
+
+def new_state() -> MemoryStateStore:
+    return MemoryStateStore(100_000, 3600, time.time)
+
+
+async def test_round_trip_keeps_body_key_and_headers(backend: Backend) -> None:
+    settings = backend.settings()
+    topic = settings.topic_for("round.trip")
+    consumer = backend.broker(settings)
+    await consumer.start([topic])
+    await publish(backend, settings, [OutboundMessage(topic, b"body", "k-1", {"h": "v"})])
+
+    [message] = await fetch_at_least(consumer, 1)
+    assert (message.body, message.key, message.topic) == (b"body", "k-1", topic)
+    assert message.headers["h"] == "v"
+    await consumer.ack([message])
+
+
+async def test_unacked_messages_return_to_the_next_consumer(backend: Backend) -> None:
+    settings = backend.settings()
+    topic = settings.topic_for("unacked")
+    first = backend.broker(settings)
+    await first.start([topic])
+    await publish(backend, settings, [OutboundMessage(topic, b"m%d" % i) for i in range(3)])
+    received = await fetch_at_least(first, 3)
+    await first.close()  # died before its reaction was durable: no ack
+
+    second = backend.broker(settings)
+    await second.start([topic])
+    again = await fetch_at_least(second, 3)
+    assert sorted(m.body for m in again) == sorted(m.body for m in received)
+    await second.ack(again)
+
+
+async def test_acked_messages_do_not_come_back(backend: Backend) -> None:
+    settings = backend.settings()
+    topic = settings.topic_for("acked")
+    first = backend.broker(settings)
+    await first.start([topic])
+    await publish(backend, settings, [OutboundMessage(topic, b"m%d" % i) for i in range(3)])
+    await first.ack(await fetch_at_least(first, 3))
+    await first.close()
+
+    second = backend.broker(settings)
+    await second.start([topic])
+    assert await fetch_for(second, 2.0) == []
+
+
+async def test_bad_input_is_dead_lettered_with_a_reason(backend: Backend) -> None:
+    settings = backend.settings()
+    handled: list[str] = []
+    router = Router()
+
+    @router.handles(StringValue)
+    async def handle(payload: StringValue, ctx: Context) -> None:
+        handled.append(payload.value)
+
+    running = RunningLoop(loop_for(backend, settings, router, new_state()))
+    await running.wait_started()
+    topic = settings.topic_for(STRING_TYPE)
+    await publish(
+        backend,
+        settings,
+        [OutboundMessage(topic, b"\x00\xffpoison"), OutboundMessage(topic, event("ok"))],
+    )
+    await running.wait_until(lambda: running.loop.stats.acked >= 2, deadline_s=30)
+    await running.stop_gracefully()
+
+    assert handled == ["ok"]
+    [(body, headers)] = await backend.dead_letters(settings, 1)
+    assert body == b"\x00\xffpoison"
+    assert headers[DLQ_REASON] == "undecodable"
+
+
+class JournalingBroker(Broker):
+    """Wraps a real adapter and records the order of publishes and acks."""
+
+    def __init__(self, inner: Broker, journal: list[str]) -> None:
+        self.inner = inner
+        self.journal = journal
+
+    async def start(self, topics: Sequence[str]) -> None:
+        await self.inner.start(topics)
+
+    async def fetch(self, max_messages: int, max_wait_s: float) -> list[InboundMessage]:
+        return await self.inner.fetch(max_messages, max_wait_s)
+
+    async def publish(self, messages: Sequence[OutboundMessage]) -> None:
+        await self.inner.publish(messages)
+        self.journal.append("confirmed")
+
+    async def ack(self, messages: Sequence[InboundMessage]) -> None:
+        self.journal.append("ack")
+        await self.inner.ack(messages)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+async def test_emitted_events_are_confirmed_before_the_source_is_acked(backend: Backend) -> None:
+    settings = backend.settings()
+    router = Router()
+
+    @router.handles(StringValue)
+    async def handle(payload: StringValue, ctx: Context) -> None:
+        ctx.emit(Int64Value(value=len(payload.value)))
+
+    observer = backend.broker(
+        settings.model_copy(update={"consumer_group": settings.consumer_group + "-observer"})
+    )
+    await observer.start([settings.topic_for(INT_TYPE)])
+    journal: list[str] = []
+    loop = build_loop(
+        settings,
+        router,
+        broker=JournalingBroker(backend.broker(settings), journal),
+        state=new_state(),
+    )
+    running = RunningLoop(loop)
+    await running.wait_started()
+    await publish(
+        backend, settings, [OutboundMessage(settings.topic_for(STRING_TYPE), event("abc"))]
+    )
+    await running.wait_until(lambda: loop.stats.acked >= 1, deadline_s=30)
+    await running.stop_gracefully()
+
+    assert journal == ["confirmed", "ack"]
+    [emitted] = await fetch_at_least(observer, 1)
+    assert CODEC.decode(emitted.body).payload == Int64Value(value=3)
+
+
+async def test_events_of_one_key_are_handled_in_order(backend: Backend) -> None:
+    settings = backend.settings(batch_size=25)
+    seen: dict[str, list[int]] = {}
+    router = Router()
+
+    @router.handles(StringValue)
+    async def handle(payload: StringValue, ctx: Context) -> None:
+        key, number = payload.value.split(":")
+        seen.setdefault(key, []).append(int(number))
+
+    running = RunningLoop(loop_for(backend, settings, router, new_state()))
+    await running.wait_started()
+    topic = settings.topic_for(STRING_TYPE)
+    keys = [f"key-{k}" for k in range(6)]
+    await publish(
+        backend,
+        settings,
+        [OutboundMessage(topic, event(f"{k}:{n}", key=k), key=k) for n in range(40) for k in keys],
+    )
+    await running.wait_until(lambda: running.loop.stats.acked >= 240, deadline_s=60)
+    await running.stop_gracefully()
+    assert seen == {k: list(range(40)) for k in keys}
+
+
+async def test_graceful_stop_drains_and_acks_in_flight_work(backend: Backend) -> None:
+    settings = backend.settings()
+    started = asyncio.Event()
+    handled: list[str] = []
+    router = Router()
+
+    @router.handles(StringValue)
+    async def slow(payload: StringValue, ctx: Context) -> None:
+        started.set()
+        await asyncio.sleep(0.2)
+        handled.append(payload.value)
+
+    running = RunningLoop(loop_for(backend, settings, router, new_state()))
+    await running.wait_started()
+    topic = settings.topic_for(STRING_TYPE)
+    await publish(
+        backend, settings, [OutboundMessage(topic, event(f"e{i}"), key=f"k{i}") for i in range(5)]
+    )
+    await asyncio.wait_for(started.wait(), 30)
+    stats = await running.stop_gracefully()
+
+    assert stats.acked == stats.received > 0
+    assert len(handled) == stats.handled == stats.received
+    successor = backend.broker(settings)
+    await successor.start([topic])
+    rest = await fetch_for(successor, 2.0)
+    assert len(rest) == 5 - stats.received  # only what was never fetched
+    await successor.ack(rest)
+
+
+async def test_two_replicas_share_the_work_and_handle_each_event_once(backend: Backend) -> None:
+    """A second replica joins mid-stream (a Kafka rebalance; RabbitMQ competing consumers)."""
+    settings = backend.settings(batch_size=20)
+    state = new_state()  # stands for the durable store both replicas share
+    handled: list[str] = []
+    router = Router()
+
+    @router.handles(StringValue)
+    async def handle(payload: StringValue, ctx: Context) -> None:
+        await asyncio.sleep(0.001)
+        handled.append(payload.value)
+
+    topic = settings.topic_for(STRING_TYPE)
+    first = RunningLoop(loop_for(backend, settings, router, state))
+    await first.wait_started()
+    await publish(
+        backend,
+        settings,
+        [
+            OutboundMessage(
+                topic,
+                event(f"a{i}"),
+                key=f"k{i % 7}",
+            )
+            for i in range(150)
+        ],
+    )
+    await wait_until(lambda: len(handled) >= 20)
+    second = RunningLoop(loop_for(backend, settings, router, state))
+    await second.wait_started()
+    await publish(
+        backend,
+        settings,
+        [OutboundMessage(topic, event(f"b{i}"), key=f"k{i % 7}") for i in range(150)],
+    )
+    await wait_until(lambda: len(set(handled)) >= 300, deadline_s=90)
+    await first.stop_gracefully()
+    await second.stop_gracefully()
+
+    assert len(handled) == len(set(handled)) == 300

@@ -1,0 +1,56 @@
+"""Kafka adapter units (removed from RabbitMQ services). Template-owned; do not edit."""
+
+from __future__ import annotations
+
+import pytest
+from aiokafka.partitioner import DefaultPartitioner
+
+from {{ cookiecutter.package_name }}.runtime.brokers.kafka import (
+    KafkaSettings,
+    _Offsets,
+    bootstrap_servers,
+)
+from {{ cookiecutter.package_name }}.runtime.config import load_model
+from {{ cookiecutter.package_name }}.runtime.errors import ConfigError
+
+# murmur2 of these keys as the Java client computes it (Kafka's own UtilsTest vectors).
+JAVA_MURMUR2 = {
+    b"21": -973932308,
+    b"foobar": -790332482,
+    b"a-little-bit-long-string": -985981536,
+    b"a-little-bit-longer-string": -1486304829,
+    b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8": -58897971,
+    b"abc": 479470107,
+}
+
+
+@pytest.mark.parametrize("partitions", [1, 3, 7, 12])
+@pytest.mark.parametrize("key", sorted(JAVA_MURMUR2))
+def test_keys_land_on_the_java_clients_partition(key: bytes, partitions: int) -> None:
+    java_partition = (JAVA_MURMUR2[key] & 0x7FFFFFFF) % partitions
+    every = list(range(partitions))
+    assert DefaultPartitioner()(key, every, every) == java_partition
+
+
+def test_only_the_contiguous_prefix_of_finished_offsets_is_committed() -> None:
+    offsets = _Offsets()
+    offsets.delivered += [10, 11, 12, 13]
+    offsets.finished |= {11, 12}
+    assert offsets.commit_point() is None  # 10 is still running
+    offsets.finished.add(10)
+    assert offsets.commit_point() == 13  # 10..12 done; 13 still running
+    offsets.finished.add(13)
+    assert offsets.commit_point() == 14
+    assert offsets.commit_point() is None
+
+
+def test_bootstrap_servers_come_from_the_url() -> None:
+    assert bootstrap_servers("kafka://a:9092,b:9093") == ["a:9092", "b:9093"]
+
+
+def test_sasl_without_credentials_is_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from {{ cookiecutter.package_name }}.runtime.config import ENV_PREFIX
+
+    monkeypatch.setenv(f"{ENV_PREFIX}KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    with pytest.raises(ConfigError, match="SASL needs KAFKA_SASL_USERNAME"):
+        load_model(KafkaSettings)
