@@ -267,6 +267,7 @@ async def test_store_outage_delays_the_ack_and_loses_nothing() -> None:
     handled: list[str] = []
     service = harness(handled)
     await service.publish(StringValue(value="x"))
+    assert isinstance(service.state, MemoryStateStore)
     service.state.fail_next_commits(3)
     await service.run_until_idle()
     assert handled == ["x"]

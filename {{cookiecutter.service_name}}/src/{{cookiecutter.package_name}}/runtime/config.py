@@ -21,7 +21,7 @@ from .errors import ConfigError
 PACKAGE_NAME = __name__.split(".")[0]
 ENV_PREFIX = f"{PACKAGE_NAME.upper()}_"
 BROKER_SCHEMES = ("memory", "kafka", "amqp", "amqps")
-STATE_SCHEMES = ("memory",)
+STATE_SCHEMES = ("memory", "sqlite")
 S = TypeVar("S", bound=BaseSettings)
 
 
@@ -81,7 +81,7 @@ class Settings(BaseSettings):
     @field_validator("state_url")
     @classmethod
     def _state_url(cls, value: str) -> str:
-        return _check_url(value, STATE_SCHEMES, "memory://")
+        return _check_url(value, STATE_SCHEMES, "sqlite:///var/lib/service/state.db")
 
     @model_validator(mode="after")
     def _backoff_order(self) -> Settings:

@@ -22,6 +22,7 @@ from .config import Settings
 from .envelope import CloudEventsProtobufCodec, Envelope, event_type_of, new_event_id, now
 from .loop import LoopStats
 from .router import Router
+from .state import StateStore, open_state_store
 from .state.memory import MemoryStateStore
 
 M = TypeVar("M", bound=Message)
@@ -52,8 +53,11 @@ class ServiceHarness:
         self.settings = Settings(**{**defaults, **settings})
         self.router = router
         self.bus = MemoryBus()
-        self.state = MemoryStateStore(
-            self.settings.dedupe_max_ids, self.settings.dedupe_ttl_s, time.time
+        # A private memory store, unless the test asks for another (e.g. sqlite:// files).
+        self.state: StateStore = (
+            MemoryStateStore(self.settings.dedupe_max_ids, self.settings.dedupe_ttl_s, time.time)
+            if self.settings.state_url.startswith("memory:")
+            else open_state_store(self.settings)
         )
         self.codec = CloudEventsProtobufCodec(event_registry(router))
         self.stats = LoopStats()

@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 from ..config import Settings
 from .base import StateStore, StateUnavailable
 from .memory import MemoryStateStore, store_for_url
+from .sqlite import SqliteStateStore, path_of
 
-__all__ = ["MemoryStateStore", "StateStore", "StateUnavailable", "open_state_store"]
+__all__ = [
+    "MemoryStateStore",
+    "SqliteStateStore",
+    "StateStore",
+    "StateUnavailable",
+    "open_state_store",
+]
 
 
 def open_state_store(settings: Settings, clock: Callable[[], float] = time.time) -> StateStore:
     # Config validation admits only schemes implemented here (see config.STATE_SCHEMES).
-    return store_for_url(settings.state_url, settings.dedupe_max_ids, settings.dedupe_ttl_s, clock)
+    url, max_ids, ttl_s = settings.state_url, settings.dedupe_max_ids, settings.dedupe_ttl_s
+    if urlsplit(url).scheme == "sqlite":
+        return SqliteStateStore(path_of(url), max_ids, ttl_s, clock)
+    return store_for_url(url, max_ids, ttl_s, clock)

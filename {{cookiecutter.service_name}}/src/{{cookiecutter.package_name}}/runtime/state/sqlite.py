@@ -1,0 +1,112 @@
+"""Embedded state store: SQLite in a local file, so a single node keeps its dedupe records
+across restarts without any server. `STATE_URL=sqlite:///var/lib/service/state.db`."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import ParamSpec, TypeVar
+from urllib.parse import urlsplit
+
+from ..errors import ConfigError
+from .base import StateStore, StateUnavailable
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS processed (
+    stream TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    recorded_at REAL NOT NULL,
+    PRIMARY KEY (stream, event_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS processed_age ON processed (stream, recorded_at);
+"""
+
+
+def path_of(url: str) -> Path:
+    """sqlite:///abs/path.db or sqlite://relative/path.db -> Path."""
+    parts = urlsplit(url)
+    path = parts.netloc + parts.path
+    if not path:
+        raise ConfigError(f"STATE_URL {url!r}: give a file, e.g. sqlite:///var/lib/app/state.db")
+    return Path(path)
+
+
+class SqliteStateStore(StateStore):
+    """One connection, used from a worker thread so the event loop never blocks on disk."""
+
+    def __init__(self, path: Path, max_ids: int, ttl_s: float, clock: Callable[[], float]) -> None:
+        self.path = path
+        self.max_ids = max_ids
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self._connection: sqlite3.Connection | None = None
+        self._lock = asyncio.Lock()
+
+    async def open(self) -> None:
+        await self._run(self._open)
+
+    def _open(self) -> None:
+        if self._connection is not None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        connection = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=FULL")  # a committed batch survives power loss
+        connection.executescript(SCHEMA)
+        self._connection = connection
+
+    async def load(self, stream: str) -> list[tuple[str, float]]:
+        return await self._run(self._load, stream)
+
+    def _load(self, stream: str) -> list[tuple[str, float]]:
+        assert self._connection is not None
+        self._expire(stream)
+        rows = self._connection.execute(
+            "SELECT event_id, recorded_at FROM processed WHERE stream = ? ORDER BY recorded_at",
+            (stream,),
+        )
+        return [(str(event_id), float(at)) for event_id, at in rows]
+
+    async def commit(self, stream: str, processed: Sequence[tuple[str, float]]) -> None:
+        await self._run(self._commit, stream, processed)
+
+    def _commit(self, stream: str, processed: Sequence[tuple[str, float]]) -> None:
+        assert self._connection is not None
+        with self._connection:  # one transaction per batch
+            self._connection.execute("BEGIN IMMEDIATE")
+            self._connection.executemany(
+                "INSERT OR REPLACE INTO processed (stream, event_id, recorded_at) VALUES (?, ?, ?)",
+                [(stream, event_id, at) for event_id, at in processed],
+            )
+            self._expire(stream)
+
+    def _expire(self, stream: str) -> None:
+        """Drop ids past the horizon: older than the TTL, or beyond the newest max_ids."""
+        assert self._connection is not None
+        self._connection.execute(
+            "DELETE FROM processed WHERE stream = ? AND recorded_at < ?",
+            (stream, self.clock() - self.ttl_s),
+        )
+        self._connection.execute(
+            """DELETE FROM processed WHERE stream = ? AND recorded_at < (
+                   SELECT recorded_at FROM processed WHERE stream = ?
+                   ORDER BY recorded_at DESC LIMIT 1 OFFSET ?)""",
+            (stream, stream, self.max_ids - 1),
+        )
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._run(self._connection.close)
+            self._connection = None
+
+    async def _run(self, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        async with self._lock:
+            try:
+                return await asyncio.to_thread(function, *args, **kwargs)
+            except sqlite3.Error as error:
+                raise StateUnavailable(f"sqlite {self.path}: {error}") from error
