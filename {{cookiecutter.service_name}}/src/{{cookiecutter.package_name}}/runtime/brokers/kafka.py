@@ -47,7 +47,8 @@ class KafkaSettings(BaseSettings):
     kafka_create_topics: bool = Field(True, description="Create missing topics at start")
     kafka_topic_partitions: int = Field(3, gt=0, description="Partitions of created topics")
     kafka_replication_factor: int = Field(1, gt=0, description="Replicas of created topics")
-    kafka_session_timeout_ms: int = Field(10_000, gt=0)
+    kafka_session_timeout_ms: int = Field(10_000, gt=0, description="Group session timeout")
+    kafka_heartbeat_interval_ms: int = Field(3_000, gt=0, description="Group heartbeat interval")
 
     @model_validator(mode="after")
     def _sasl_needs_credentials(self) -> KafkaSettings:
@@ -133,6 +134,7 @@ class KafkaBroker(Broker):
             auto_offset_reset="earliest",
             max_poll_records=self.settings.batch_size,
             session_timeout_ms=self.kafka.kafka_session_timeout_ms,
+            heartbeat_interval_ms=self.kafka.kafka_heartbeat_interval_ms,
         )
         consumer.subscribe(list(topics), listener=_DrainOnRevoke(self))
         try:
