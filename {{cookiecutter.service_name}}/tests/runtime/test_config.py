@@ -56,3 +56,16 @@ def test_unreadable_secret_file_is_one_line(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv(f"{ENV_PREFIX}BROKER_URL_FILE", "/nonexistent/secret")
     with pytest.raises(ConfigError, match="BROKER_URL_FILE: cannot read /nonexistent/secret"):
         load_settings()
+
+
+def test_broker_tls_context_comes_from_the_tls_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ssl
+
+    from {{ cookiecutter.package_name }}.runtime.brokers.tls import tls_context
+
+    assert tls_context(load_settings(), required=False) is None
+    context = tls_context(load_settings(), required=True)
+    assert context is not None and context.verify_mode == ssl.CERT_REQUIRED
+    monkeypatch.setenv(f"{ENV_PREFIX}BROKER_TLS_CA_FILE", "/nonexistent/ca.pem")
+    with pytest.raises(ConfigError, match="BROKER_TLS_\\*: cannot load TLS files"):
+        tls_context(load_settings(), required=False)
