@@ -1,4 +1,4 @@
-"""`python -m {{ cookiecutter.package_name }}` is the same as the `{{ cookiecutter.service_name }}` command."""
+"""Entry point for `python -m`: the same as the service's own command."""
 
 import sys
 

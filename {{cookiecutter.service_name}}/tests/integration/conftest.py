@@ -21,7 +21,11 @@ from typing import Any
 
 import pytest
 
-from {{ cookiecutter.package_name }}.runtime.brokers import Broker, InboundMessage, open_broker
+from {{ cookiecutter.package_name }}.runtime.brokers import (
+    Broker,
+    InboundMessage,
+    open_broker,
+)
 from {{ cookiecutter.package_name }}.runtime.brokers.memory import MemoryBroker, MemoryBus
 from {{ cookiecutter.package_name }}.runtime.config import PACKAGE_NAME, Settings
 

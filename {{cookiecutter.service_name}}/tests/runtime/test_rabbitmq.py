@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from {{ cookiecutter.package_name }}.runtime.brokers.rabbitmq import RabbitMQSettings, _text
+from {{ cookiecutter.package_name }}.runtime.brokers.rabbitmq import (
+    RabbitMQSettings,
+    _text,
+)
 from {{ cookiecutter.package_name }}.runtime.config import ENV_PREFIX, load_model
 from {{ cookiecutter.package_name }}.runtime.errors import ConfigError
 

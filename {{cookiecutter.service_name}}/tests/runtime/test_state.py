@@ -9,7 +9,10 @@ import pytest
 
 from {{ cookiecutter.package_name }}.runtime.config import load_settings
 from {{ cookiecutter.package_name }}.runtime.errors import ConfigError
-from {{ cookiecutter.package_name }}.runtime.state import SqliteStateStore, open_state_store
+from {{ cookiecutter.package_name }}.runtime.state import (
+    SqliteStateStore,
+    open_state_store,
+)
 from {{ cookiecutter.package_name }}.runtime.testing import ServiceHarness
 
 
