@@ -177,7 +177,7 @@ async def main() -> dict[str, Any]:
     await producer.close()
 
     parked = await support.read_dead_letters(
-        settings.model_copy(update={"consumer_group": f"crash-{RUN}"}), POISON, 60
+        settings.model_copy(update={"consumer_group": f"crash-{RUN}"}), TOPIC, POISON, 60
     )
     parked_bodies = {body for body, _ in parked}
     return {

@@ -78,16 +78,16 @@ class Backend:
         return broker
 
     async def dead_letters(
-        self, settings: Settings, expected: int, deadline_s: float = 20.0
+        self, settings: Settings, topic: str, expected: int, deadline_s: float = 20.0
     ) -> list[tuple[bytes, dict[str, str]]]:
-        """What the dead-letter destination holds, once `expected` messages are there."""
+        """What messages from `topic` left in the dead-letter destination (`expected` of them)."""
         if self.support is None:
             return [
                 (message.body, dict(message.headers))
-                for message in self.bus.messages(settings.dead_letter_destination)
+                for message in self.bus.messages(settings.dead_letter_topic_for(topic))
             ]
         parked: list[tuple[bytes, dict[str, str]]] = await self.support.read_dead_letters(
-            settings, expected, deadline_s
+            settings, topic, expected, deadline_s
         )
         return parked
 

@@ -20,10 +20,10 @@ def url_from_environment() -> str | None:
 
 
 async def read_dead_letters(
-    settings: Settings, expected: int, deadline_s: float
+    settings: Settings, topic: str, expected: int, deadline_s: float
 ) -> list[tuple[bytes, dict[str, str]]]:
     consumer = AIOKafkaConsumer(
-        settings.dead_letter_destination,
+        settings.dead_letter_topic_for(topic),
         bootstrap_servers=bootstrap_servers(settings.broker_url),
         group_id=None,
         auto_offset_reset="earliest",

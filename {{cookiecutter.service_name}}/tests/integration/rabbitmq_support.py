@@ -17,13 +17,14 @@ def url_from_environment() -> str | None:
 
 
 async def read_dead_letters(
-    settings: Settings, expected: int, deadline_s: float
+    settings: Settings, topic: str, expected: int, deadline_s: float
 ) -> list[tuple[bytes, dict[str, str]]]:
+    """RabbitMQ parks every topic's messages in the service's one dead-letter queue."""
     connection = await aio_pika.connect(settings.broker_url)
     parked: list[tuple[bytes, dict[str, str]]] = []
     try:
         channel = await connection.channel()
-        queue = await channel.declare_queue(settings.dead_letter_destination, passive=True)
+        queue = await channel.declare_queue(settings.dead_letter_queue, passive=True)
         async with asyncio.timeout(deadline_s):
             while len(parked) < expected:
                 message = await queue.get(no_ack=True, fail=False)

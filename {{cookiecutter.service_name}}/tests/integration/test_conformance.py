@@ -129,7 +129,7 @@ async def test_bad_input_is_dead_lettered_with_a_reason(backend: Backend) -> Non
     await running.stop_gracefully()
 
     assert handled == ["ok"]
-    [(body, headers)] = await backend.dead_letters(settings, 1)
+    [(body, headers)] = await backend.dead_letters(settings, topic, 1)
     assert body == b"\x00\xffpoison"
     assert headers[DLQ_REASON] == "undecodable"
 

@@ -39,6 +39,7 @@ def test_secrets_can_come_from_files(monkeypatch: pytest.MonkeyPatch, tmp_path: 
         ("BATCH_SIZE", "many", "BATCH_SIZE: Input should be a valid integer"),
         ("LOG_LEVEL", "LOUD", "LOG_LEVEL: Input should be"),
         ("RETRY_MAX_BACKOFF_MS", "1", "RETRY_MAX_BACKOFF_MS must be >="),
+        ("DEAD_LETTER_TOPIC", "{nope}.dlq", "DEAD_LETTER_TOPIC: use only the placeholders"),
     ],
 )
 def test_bad_values_give_one_line_naming_the_variable(

@@ -44,7 +44,9 @@ class Settings(BaseSettings):
     event_source: str = Field(
         f"urn:service:{SERVICE_NAME}", description="CloudEvents `source` of emitted events"
     )
-    dead_letter_suffix: str = Field(".dlq", description="Appended to the group for the DLQ")
+    dead_letter_topic: str = Field(
+        "{topic}.dlq", description="Kafka dead-letter topic; {topic} and {group} are replaced"
+    )
     topic_prefix: str = Field("", description="Prepended to every topic / routing key")
     batch_size: int = Field(500, gt=0, le=100_000, description="Max messages per batch")
     batch_timeout_ms: int = Field(200, ge=0, description="Max wait to fill a batch")
@@ -89,9 +91,23 @@ class Settings(BaseSettings):
             raise ValueError("RETRY_MAX_BACKOFF_MS must be >= RETRY_INITIAL_BACKOFF_MS")
         return self
 
+    @field_validator("dead_letter_topic")
+    @classmethod
+    def _dead_letter_topic(cls, value: str) -> str:
+        try:
+            value.format(topic="t", group="g")
+        except (KeyError, IndexError, ValueError):
+            raise ValueError("use only the placeholders {topic} and {group}") from None
+        return value
+
+    def dead_letter_topic_for(self, topic: str) -> str:
+        """Where messages from `topic` are parked (Kafka topic; the memory bus too)."""
+        return self.dead_letter_topic.format(topic=topic, group=self.consumer_group)
+
     @property
-    def dead_letter_destination(self) -> str:
-        return self.consumer_group + self.dead_letter_suffix
+    def dead_letter_queue(self) -> str:
+        """RabbitMQ: the dead-letter exchange and queue of this service."""
+        return f"{self.consumer_group}.dlq"
 
     def topic_for(self, event_type: str) -> str:
         """The topic (Kafka) or routing key (RabbitMQ) events of `event_type` travel on."""

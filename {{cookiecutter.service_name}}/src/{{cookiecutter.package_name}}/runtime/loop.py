@@ -159,7 +159,9 @@ class ConsumerLoop:
                 self._collect(item, outcome, result)
         result.outbound.extend(
             dead_letter_message(
-                record, self.settings.dead_letter_destination, self.settings.consumer_group
+                record,
+                self.settings.dead_letter_topic_for(record.message.topic),
+                self.settings.consumer_group,
             )
             for record in result.dead
         )

@@ -126,7 +126,7 @@ class ServiceHarness:
         for message in self.bus.published:
             if id(message) in self._published_by_test:
                 continue
-            if message.topic == self.settings.dead_letter_destination:
+            if message.dead_letter:
                 continue
             wanted = (
                 None
@@ -151,5 +151,6 @@ class ServiceHarness:
                 body=message.body,
                 headers=dict(message.headers),
             )
-            for message in self.bus.messages(self.settings.dead_letter_destination)
+            for message in self.bus.published
+            if message.dead_letter
         ]

@@ -40,6 +40,8 @@ class OutboundMessage:
     body: bytes
     key: str = ""
     headers: Mapping[str, str] = field(default_factory=dict)
+    # Parked, not emitted: Kafka sends it to `topic`, RabbitMQ to the dead-letter exchange.
+    dead_letter: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +65,7 @@ def dead_letter_message(
             DLQ_SERVICE: service,
         }
     )
-    return OutboundMessage(destination, origin.body, origin.key or "", headers)
+    return OutboundMessage(destination, origin.body, origin.key or "", headers, dead_letter=True)
 
 
 def text_headers(pairs: Sequence[tuple[str, bytes]]) -> dict[str, str]:

@@ -118,7 +118,8 @@ class KafkaBroker(Broker):
     async def start(self, topics: Sequence[str]) -> None:
         options = self._client_options()
         if self.kafka.kafka_create_topics:
-            await self._create_missing_topics([*topics, self.settings.dead_letter_destination])
+            dead_letter_topics = [self.settings.dead_letter_topic_for(t) for t in topics]
+            await self._create_missing_topics([*topics, *dead_letter_topics])
         if self._producer is None:  # start() is retried after a failure: keep what started
             producer = AIOKafkaProducer(
                 **options, acks="all", enable_idempotence=False, linger_ms=2

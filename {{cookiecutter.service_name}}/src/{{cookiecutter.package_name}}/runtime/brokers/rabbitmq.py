@@ -82,7 +82,7 @@ class RabbitMQBroker(Broker):
             raise BrokerUnavailable(f"rabbitmq: {error!r}") from error
 
     async def _declare_dead_letter_queue(self, channel: AbstractChannel) -> AbstractExchange:
-        name = self.settings.dead_letter_destination
+        name = self.settings.dead_letter_queue
         exchange = await channel.declare_exchange(name, aio_pika.ExchangeType.FANOUT, durable=True)
         queue = await channel.declare_queue(
             name, durable=True, arguments={"x-queue-type": "quorum"}
@@ -97,7 +97,7 @@ class RabbitMQBroker(Broker):
             arguments={
                 "x-queue-type": "quorum",
                 # Poison that kills the process before it can be acked still ends up parked.
-                "x-dead-letter-exchange": self.settings.dead_letter_destination,
+                "x-dead-letter-exchange": self.settings.dead_letter_queue,
                 "x-delivery-limit": self.rabbit.amqp_delivery_limit,
             },
         )
@@ -145,7 +145,6 @@ class RabbitMQBroker(Broker):
     async def publish(self, messages: Sequence[OutboundMessage]) -> None:
         if self._exchange is None or self._dead_letters is None:
             raise BrokerUnavailable("rabbitmq: not connected")
-        dead_letter_destination = self.settings.dead_letter_destination
         sends = []
         for message in messages:
             headers: dict[str, Any] = dict(message.headers)
@@ -157,7 +156,7 @@ class RabbitMQBroker(Broker):
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                 content_type=message.headers.get("content-type"),
             )
-            if message.topic == dead_letter_destination:
+            if message.dead_letter:
                 sends.append(self._dead_letters.publish(amqp_message, routing_key=""))
             else:
                 sends.append(self._exchange.publish(amqp_message, routing_key=message.topic))
