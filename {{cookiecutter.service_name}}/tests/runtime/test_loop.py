@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 from google.protobuf.wrappers_pb2 import Int64Value, StringValue
 
@@ -55,8 +56,8 @@ async def test_ack_comes_after_publish_and_checkpoint() -> None:
     settings = fast_settings()
 
     class JournalingStore(MemoryStateStore):
-        async def commit(self, stream: str, processed: object) -> None:
-            await super().commit(stream, processed)  # type: ignore[arg-type]
+        async def commit(self, stream: str, processed: Any, fence: int | None) -> None:
+            await super().commit(stream, processed, fence)
             journal.entries.append("checkpoint")
 
     router = echo_router(handled)

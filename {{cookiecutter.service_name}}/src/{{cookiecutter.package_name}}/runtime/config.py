@@ -21,7 +21,7 @@ from .errors import ConfigError
 PACKAGE_NAME = __name__.split(".")[0]
 ENV_PREFIX = f"{PACKAGE_NAME.upper()}_"
 BROKER_SCHEMES = ("memory", "kafka", "amqp", "amqps")
-STATE_SCHEMES = ("memory", "sqlite")
+STATE_SCHEMES = ("memory", "sqlite", "etcd")
 S = TypeVar("S", bound=BaseSettings)
 
 

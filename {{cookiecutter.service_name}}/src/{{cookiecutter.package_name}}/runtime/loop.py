@@ -42,7 +42,7 @@ from .errors import DeadLetter, UndecodableEvent
 from .health import Heartbeat
 from .logs import get_logger
 from .router import Context, Emitted, HandlerSpec, Router
-from .state.base import StateStore, StateUnavailable
+from .state.base import Fenced, StateStore, StateUnavailable
 
 CONTENT_TYPE_HEADER = "content-type"
 T = TypeVar("T")
@@ -57,6 +57,8 @@ class LoopStats:
     emitted: int = 0
     acked: int = 0
     batches: int = 0
+    shared_lookups: int = 0
+    fenced: int = 0
     dead_lettered: Counter[str] = field(default_factory=Counter)
 
 
@@ -98,6 +100,8 @@ class ConsumerLoop:
         self.stats = LoopStats()
         self.log = get_logger(service=settings.consumer_group)
         self._windows: dict[str, DedupeWindow] = {}
+        self._fences: dict[str, int | None] = {}
+        self._cursors: dict[str, int] = {}
         self._semaphore = asyncio.Semaphore(settings.max_concurrency)
         # Set once the broker is connected and subscribed (tests and demos wait for it).
         self.started = asyncio.Event()
@@ -114,8 +118,12 @@ class ConsumerLoop:
             while not stop.is_set():
                 self._beat(ready=True)
                 batch = await self._fetch_unless_stopped(stop)
-                if batch:
+                if not batch:
+                    continue
+                try:
                     await self._process_or_drain(batch, stop)
+                except Fenced as fenced:
+                    await self._rejoin(fenced, topics)
         finally:
             await self.broker.close()
             await self.state.close()
@@ -151,6 +159,7 @@ class ConsumerLoop:
         self.stats.batches += 1
         self.stats.received += len(batch)
         await self._restore({message.stream for message in batch})
+        await self._refresh({message.stream for message in batch if message.redelivered})
         result = _Batch()
         work = self._sort(batch, result)
         outcomes = await asyncio.gather(*(self._handle_in_order(items) for items in work.values()))
@@ -295,12 +304,17 @@ class ConsumerLoop:
         )
 
     async def _restore(self, streams: set[str]) -> None:
+        """First sight of a stream: fence earlier owners, load its dedupe records."""
         for stream in sorted(streams - self._windows.keys()):
             started = time.perf_counter()
+            fence: int | None = None
+            if self.broker.exclusive_streams:
+                fence = await self._until_done("take over", partial(self.state.take_over, stream))
+            loaded = await self._until_done("restore", partial(self.state.load, stream))
             window = DedupeWindow(self.settings.dedupe_max_ids, self.settings.dedupe_ttl_s)
-            records = await self._until_done("restore", partial(self.state.load, stream))
-            window.add(records, self.clock())
-            self._windows[stream] = window
+            window.add(loaded.records, self.clock())
+            self._windows[stream], self._fences[stream] = window, fence
+            self._cursors[stream] = loaded.cursor
             self.log.info(
                 "restored",
                 stream=stream,
@@ -308,13 +322,39 @@ class ConsumerLoop:
                 seconds=round(time.perf_counter() - started, 4),
             )
 
+    async def _refresh(self, streams: set[str]) -> None:
+        """Redeliveries on a shared stream: learn what other replicas recorded since."""
+        for stream in sorted(streams):
+            if self._fences.get(stream) is not None:
+                continue  # an exclusive stream: nobody else writes it
+            after = self._cursors[stream]
+            loaded = await self._until_done("lookup", partial(self.state.load, stream, after))
+            self._windows[stream].add(loaded.records, self.clock())
+            self._cursors[stream] = loaded.cursor
+            self.stats.shared_lookups += 1
+
     def _forget_streams(self, streams: set[str]) -> None:
         """Streams given up in a rebalance: their next owner restores them from the store."""
         for stream in streams:
             self._windows.pop(stream, None)
+            self._fences.pop(stream, None)
+            self._cursors.pop(stream, None)
+
+    async def _rejoin(self, fenced: Fenced, topics: list[str]) -> None:
+        """A newer owner took a stream over: drop everything unacked and join again."""
+        self.log.error("fenced; rejoining without acking", stream=fenced.stream)
+        self.stats.fenced += 1
+        await self.broker.close()
+        self._forget_streams(set(self._windows))
+        await self._until_done("connect", partial(self.broker.start, topics))
 
     async def _commit(self, processed: dict[str, list[tuple[str, float]]]) -> None:
-        await asyncio.gather(*(self.state.commit(s, records) for s, records in processed.items()))
+        await asyncio.gather(
+            *(
+                self.state.commit(stream, records, self._fences[stream])
+                for stream, records in processed.items()
+            )
+        )
 
     async def _until_done(self, what: str, step: Callable[[], Awaitable[T]]) -> T:
         """Retry `step` while the bus or the store is unavailable; report not-ready meanwhile."""

@@ -85,6 +85,9 @@ class Broker(ABC):
     """
 
     on_streams_revoked: Callable[[set[str]], None] | None = None
+    # True when each stream has one consumer at a time (Kafka partitions): the loop then
+    # fences earlier owners in the state store. False for competing consumers (RabbitMQ).
+    exclusive_streams: bool = False
 
     @abstractmethod
     async def start(self, topics: Sequence[str]) -> None:

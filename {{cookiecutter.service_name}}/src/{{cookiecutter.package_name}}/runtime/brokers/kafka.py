@@ -90,6 +90,8 @@ class _Offsets:
 
 
 class KafkaBroker(Broker):
+    exclusive_streams = True
+
     def __init__(self, settings: Settings, kafka: KafkaSettings) -> None:
         self.settings = settings
         self.kafka = kafka

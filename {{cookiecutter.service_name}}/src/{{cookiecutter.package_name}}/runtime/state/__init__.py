@@ -7,11 +7,13 @@ from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from ..config import Settings
-from .base import StateStore, StateUnavailable
+from .base import Fenced, Loaded, StateStore, StateUnavailable
 from .memory import MemoryStateStore, store_for_url
 from .sqlite import SqliteStateStore, path_of
 
 __all__ = [
+    "Fenced",
+    "Loaded",
     "MemoryStateStore",
     "SqliteStateStore",
     "StateStore",
@@ -25,4 +27,8 @@ def open_state_store(settings: Settings, clock: Callable[[], float] = time.time)
     url, max_ids, ttl_s = settings.state_url, settings.dedupe_max_ids, settings.dedupe_ttl_s
     if urlsplit(url).scheme == "sqlite":
         return SqliteStateStore(path_of(url), max_ids, ttl_s, clock)
+    if urlsplit(url).scheme == "etcd":
+        from .etcd import open_store  # imports aetcd/grpc only when etcd is used
+
+        return open_store(settings, clock)
     return store_for_url(url, max_ids, ttl_s, clock)

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from ..dedupe import DedupeWindow
-from .base import StateStore, StateUnavailable
+from .base import Fenced, Loaded, StateStore, StateUnavailable
+
+
+@dataclass
+class _Stream:
+    # event id -> (recorded at, sequence number); oldest first
+    records: OrderedDict[str, tuple[float, int]] = field(default_factory=OrderedDict)
+    fence: int = 0
 
 
 class MemoryStateStore(StateStore):
@@ -14,7 +23,8 @@ class MemoryStateStore(StateStore):
         self._max_ids = max_ids
         self._ttl_s = ttl_s
         self._clock = clock
-        self._streams: dict[str, DedupeWindow] = {}
+        self._streams: dict[str, _Stream] = {}
+        self._sequence = itertools.count(1)
         self._failures = 0
         self.commits = 0
 
@@ -25,20 +35,42 @@ class MemoryStateStore(StateStore):
     async def open(self) -> None:
         return None
 
-    async def load(self, stream: str) -> list[tuple[str, float]]:
-        window = self._streams.get(stream)
-        if window is None:
-            return []
-        window.expire(self._clock())
-        return window.items()
+    async def take_over(self, stream: str) -> int:
+        state = self._streams.setdefault(stream, _Stream())
+        state.fence += 1
+        return state.fence
 
-    async def commit(self, stream: str, processed: Sequence[tuple[str, float]]) -> None:
+    async def load(self, stream: str, after: int = 0) -> Loaded:
+        state = self._streams.setdefault(stream, _Stream())
+        self._expire(state)
+        records = [(i, at) for i, (at, seq) in state.records.items() if seq > after]
+        return Loaded(records, max((seq for _, seq in state.records.values()), default=after))
+
+    async def commit(
+        self, stream: str, processed: Sequence[tuple[str, float]], fence: int | None
+    ) -> None:
         if self._failures:
             self._failures -= 1
             raise StateUnavailable("memory store: injected commit failure")
-        window = self._streams.setdefault(stream, DedupeWindow(self._max_ids, self._ttl_s))
-        window.add(processed, self._clock())
+        state = self._streams.setdefault(stream, _Stream())
+        if fence is not None and fence != state.fence:
+            raise Fenced(stream)
+        for event_id, recorded_at in processed:
+            state.records[event_id] = (recorded_at, next(self._sequence))
+            state.records.move_to_end(event_id)
+        self._expire(state)
         self.commits += 1
+
+    def _expire(self, state: _Stream) -> None:
+        records = state.records
+        while len(records) > self._max_ids:
+            records.popitem(last=False)
+        oldest_allowed = self._clock() - self._ttl_s
+        while records and next(iter(records.values()))[0] < oldest_allowed:
+            records.popitem(last=False)
+
+    def count(self, stream: str) -> int:
+        return len(self._streams.get(stream, _Stream()).records)
 
     async def close(self) -> None:
         return None

@@ -11,19 +11,21 @@ from typing import ParamSpec, TypeVar
 from urllib.parse import urlsplit
 
 from ..errors import ConfigError
-from .base import StateStore, StateUnavailable
+from .base import Fenced, Loaded, StateStore, StateUnavailable
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS processed (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
     stream TEXT NOT NULL,
     event_id TEXT NOT NULL,
     recorded_at REAL NOT NULL,
-    PRIMARY KEY (stream, event_id)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS processed_age ON processed (stream, recorded_at);
+    UNIQUE (stream, event_id) ON CONFLICT REPLACE
+);
+CREATE INDEX IF NOT EXISTS processed_by_age ON processed (stream, recorded_at);
+CREATE TABLE IF NOT EXISTS fences (stream TEXT PRIMARY KEY, token INTEGER NOT NULL);
 """
 
 
@@ -60,27 +62,56 @@ class SqliteStateStore(StateStore):
         connection.executescript(SCHEMA)
         self._connection = connection
 
-    async def load(self, stream: str) -> list[tuple[str, float]]:
-        return await self._run(self._load, stream)
+    async def take_over(self, stream: str) -> int:
+        return await self._run(self._take_over, stream)
 
-    def _load(self, stream: str) -> list[tuple[str, float]]:
+    def _take_over(self, stream: str) -> int:
+        assert self._connection is not None
+        with self._connection:
+            self._connection.execute("BEGIN IMMEDIATE")
+            self._connection.execute(
+                "INSERT INTO fences (stream, token) VALUES (?, 1) "
+                "ON CONFLICT (stream) DO UPDATE SET token = token + 1",
+                (stream,),
+            )
+            return int(self._fence(stream))
+
+    def _fence(self, stream: str) -> int:
+        assert self._connection is not None
+        row = self._connection.execute(
+            "SELECT token FROM fences WHERE stream = ?", (stream,)
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    async def load(self, stream: str, after: int = 0) -> Loaded:
+        return await self._run(self._load, stream, after)
+
+    def _load(self, stream: str, after: int) -> Loaded:
         assert self._connection is not None
         self._expire(stream)
         rows = self._connection.execute(
-            "SELECT event_id, recorded_at FROM processed WHERE stream = ? ORDER BY recorded_at",
-            (stream,),
-        )
-        return [(str(event_id), float(at)) for event_id, at in rows]
+            "SELECT seq, event_id, recorded_at FROM processed "
+            "WHERE stream = ? AND seq > ? ORDER BY seq",
+            (stream, after),
+        ).fetchall()
+        cursor = max((int(seq) for seq, _, _ in rows), default=after)
+        return Loaded([(str(event_id), float(at)) for _, event_id, at in rows], cursor)
 
-    async def commit(self, stream: str, processed: Sequence[tuple[str, float]]) -> None:
-        await self._run(self._commit, stream, processed)
+    async def commit(
+        self, stream: str, processed: Sequence[tuple[str, float]], fence: int | None
+    ) -> None:
+        await self._run(self._commit, stream, processed, fence)
 
-    def _commit(self, stream: str, processed: Sequence[tuple[str, float]]) -> None:
+    def _commit(
+        self, stream: str, processed: Sequence[tuple[str, float]], fence: int | None
+    ) -> None:
         assert self._connection is not None
         with self._connection:  # one transaction per batch
             self._connection.execute("BEGIN IMMEDIATE")
+            if fence is not None and self._fence(stream) != fence:
+                raise Fenced(stream)
             self._connection.executemany(
-                "INSERT OR REPLACE INTO processed (stream, event_id, recorded_at) VALUES (?, ?, ?)",
+                "INSERT INTO processed (stream, event_id, recorded_at) VALUES (?, ?, ?)",
                 [(stream, event_id, at) for event_id, at in processed],
             )
             self._expire(stream)
@@ -93,10 +124,10 @@ class SqliteStateStore(StateStore):
             (stream, self.clock() - self.ttl_s),
         )
         self._connection.execute(
-            """DELETE FROM processed WHERE stream = ? AND recorded_at < (
-                   SELECT recorded_at FROM processed WHERE stream = ?
-                   ORDER BY recorded_at DESC LIMIT 1 OFFSET ?)""",
-            (stream, stream, self.max_ids - 1),
+            """DELETE FROM processed WHERE stream = ? AND seq <= (
+                   SELECT seq FROM processed WHERE stream = ?
+                   ORDER BY seq DESC LIMIT 1 OFFSET ?)""",
+            (stream, stream, self.max_ids),
         )
 
     async def close(self) -> None:

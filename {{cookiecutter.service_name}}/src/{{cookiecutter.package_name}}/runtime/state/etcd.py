@@ -1,0 +1,216 @@
+"""etcd state store (aetcd): dedupe records shared by every replica, fenced per stream.
+
+Layout under `<ETCD_KEY_PREFIX>/<CONSUMER_GROUP>/<stream>/`:
+  fence              the current owner of an exclusive stream; its mod revision is the token
+  ids/<ns>-<writer>  one key per committed batch: JSON [recorded_at, [event ids...]],
+                     attached to a lease, so ids leave etcd by themselves after the TTL
+
+One transaction per stream per batch (chunked only when a batch exceeds ~1 MiB, under
+etcd's 1.5 MiB request limit), comparing the fence revision for exclusive streams.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import aetcd
+from aetcd.exceptions import ClientError
+from aetcd.utils import prefix_range_end
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ..config import ENV_PREFIX, Settings, load_model
+from ..logs import get_logger
+from .base import Fenced, Loaded, StateStore, StateUnavailable
+
+log = get_logger(component="etcd")
+CHUNK_BYTES = 1_000_000  # etcd refuses requests over 1.5 MiB by default
+MAX_DELETES_PER_TXN = 100  # etcd allows 128 operations per transaction by default
+# Refresh reads keys written up to this long before the cursor: writers' clocks differ.
+CLOCK_SKEW_NS = 30_000_000_000
+
+
+class EtcdSettings(BaseSettings):
+    """etcd-only settings; the same prefix as every other variable."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    etcd_key_prefix: str = Field("/event-services", description="Root of this service's keys")
+    etcd_username: str | None = None
+    etcd_password: str | None = None
+    etcd_timeout_s: float = Field(5.0, gt=0, description="Per-request timeout")
+
+
+def endpoints_of(url: str) -> list[tuple[str, int]]:
+    """etcd://h1:2379,h2:2379 -> [("h1", 2379), ("h2", 2379)]"""
+    found = []
+    for part in urlsplit(url).netloc.split(","):
+        host, _, port = part.strip().rpartition(":")
+        if host:
+            found.append((host, int(port)))
+        elif part.strip():
+            found.append((part.strip(), 2379))
+    return found or [("localhost", 2379)]
+
+
+class EtcdStateStore(StateStore):
+    def __init__(self, settings: Settings, etcd: EtcdSettings, clock: Callable[[], float]) -> None:
+        self.settings = settings
+        self.etcd = etcd
+        self.clock = clock
+        self.writer = uuid.uuid4().hex[:12]
+        self._endpoints = endpoints_of(settings.state_url)
+        self._endpoint = 0
+        self._client: aetcd.Client | None = None
+        self._root = f"{etcd.etcd_key_prefix.rstrip('/')}/{settings.consumer_group}/".encode()
+        self._lease: tuple[int, float] | None = None  # (lease id, granted at)
+        # Batch keys per stream (oldest first) with their id counts: the count horizon.
+        self._batches: dict[str, OrderedDict[bytes, int]] = {}
+
+    @property
+    def ttl_s(self) -> float:
+        return self.settings.dedupe_ttl_s
+
+    def _key(self, stream: str, suffix: str = "") -> bytes:
+        return self._root + stream.encode() + b"/" + suffix.encode()
+
+    async def open(self) -> None:
+        await self._call(self._connected)
+
+    async def _connected(self) -> aetcd.Client:
+        if self._client is None:
+            host, port = self._endpoints[self._endpoint % len(self._endpoints)]
+            client = aetcd.Client(
+                host,
+                port,
+                username=self.etcd.etcd_username,
+                password=self.etcd.etcd_password,
+                timeout=self.etcd.etcd_timeout_s,
+            )
+            await client.connect()
+            self._client = client
+        return self._client
+
+    async def take_over(self, stream: str) -> int:
+        async def put_fence() -> int:
+            client = await self._connected()
+            response = await client.put(self._key(stream, "fence"), self.writer.encode())
+            return int(response.header.revision)
+
+        token: int = await self._call(put_fence)
+        return token
+
+    async def load(self, stream: str, after: int = 0) -> Loaded:
+        async def read() -> Loaded:
+            client = await self._connected()
+            prefix = self._key(stream, "ids/")
+            start = prefix + (f"{max(0, after - CLOCK_SKEW_NS):020d}".encode() if after else b"")
+            response = await client.get_range(start, prefix_range_end(prefix))
+            oldest_allowed = self.clock() - self.ttl_s
+            batches = self._batches.setdefault(stream, OrderedDict())
+            records: list[tuple[str, float]] = []
+            for item in sorted(response, key=lambda kv: kv.key):
+                recorded_at, ids = json.loads(item.value)
+                batches[item.key] = len(ids)
+                if recorded_at >= oldest_allowed:
+                    records += [(event_id, float(recorded_at)) for event_id in ids]
+            return Loaded(records, time.time_ns())
+
+        loaded: Loaded = await self._call(read)
+        return loaded
+
+    async def commit(
+        self, stream: str, processed: Sequence[tuple[str, float]], fence: int | None
+    ) -> None:
+        if not processed:
+            return
+        recorded_at = max(at for _, at in processed)
+        for number, chunk in enumerate(_chunks([event_id for event_id, _ in processed])):
+            key = self._key(stream, f"ids/{time.time_ns():020d}-{self.writer}-{number}")
+            value = json.dumps([recorded_at, chunk], separators=(",", ":")).encode()
+            await self._call(self._write, stream, key, value, len(chunk), fence)
+
+    async def _write(
+        self, stream: str, key: bytes, value: bytes, count: int, fence: int | None
+    ) -> None:
+        client = await self._connected()
+        lease = await self._current_lease(client)
+        batches = self._batches.setdefault(stream, OrderedDict())
+        expired = self._beyond_count_horizon(batches, count)
+        fence_key = self._key(stream, "fence")
+        compare = [] if fence is None else [client.transactions.mod(fence_key) == fence]
+        operations: list[Any] = [client.transactions.put(key, value, lease=lease)]
+        operations += [client.transactions.delete(old) for old in expired]
+        succeeded, _ = await client.transaction(compare=compare, success=operations, failure=[])
+        if not succeeded:
+            raise Fenced(stream)
+        for old in expired:
+            batches.pop(old, None)
+        batches[key] = count
+
+    def _beyond_count_horizon(self, batches: OrderedDict[bytes, int], adding: int) -> list[bytes]:
+        """Oldest batch keys to delete so the stream keeps at most DEDUPE_MAX_IDS ids."""
+        total = sum(batches.values()) + adding
+        expired: list[bytes] = []
+        for key, count in batches.items():
+            if total <= self.settings.dedupe_max_ids or len(expired) >= MAX_DELETES_PER_TXN:
+                break
+            expired.append(key)
+            total -= count
+        return expired
+
+    async def _current_lease(self, client: aetcd.Client) -> int:
+        """One lease per tenth of the TTL: keys expire between TTL and 1.1 x TTL."""
+        bucket_s = max(1.0, self.ttl_s / 10)
+        now = time.monotonic()
+        if self._lease is None or now - self._lease[1] >= bucket_s:
+            lease = await client.lease(int(self.ttl_s + bucket_s) + 1)
+            self._lease = (int(lease.id), now)
+        return self._lease[0]
+
+    async def _call(self, step: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return await step(*args)
+        except (ClientError, OSError, TimeoutError) as error:
+            await self._reset()
+            raise StateUnavailable(f"etcd: {type(error).__name__}: {error}") from error
+
+    async def _reset(self) -> None:
+        """Drop the connection and try the next endpoint on the next call."""
+        client, self._client, self._lease = self._client, None, None
+        self._endpoint += 1
+        if client is not None:
+            with contextlib.suppress(ClientError, OSError, TimeoutError):
+                await client.close()
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    def key_count_prefix(self) -> bytes:
+        return self._root
+
+
+def _chunks(ids: list[str]) -> list[list[str]]:
+    chunks: list[list[str]] = [[]]
+    size = 0
+    for event_id in ids:
+        cost = len(event_id.encode()) + 4
+        if chunks[-1] and size + cost > CHUNK_BYTES:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(event_id)
+        size += cost
+    return chunks
+
+
+def open_store(settings: Settings, clock: Callable[[], float]) -> EtcdStateStore:
+    return EtcdStateStore(settings, load_model(EtcdSettings), clock)

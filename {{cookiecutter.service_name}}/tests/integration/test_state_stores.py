@@ -1,0 +1,120 @@
+"""One contract every state store keeps: memory, embedded SQLite, and etcd (when
+TEST_ETCD_ENDPOINTS=host:port is set; under CI=true it must be). Template-owned."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from {{ cookiecutter.package_name }}.runtime.config import Settings
+from {{ cookiecutter.package_name }}.runtime.state import (
+    Fenced,
+    MemoryStateStore,
+    StateStore,
+    open_state_store,
+)
+
+StoreFactory = Callable[..., StateStore]
+
+
+def etcd_url() -> str:
+    endpoints = os.environ.get("TEST_ETCD_ENDPOINTS")
+    if not endpoints:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but TEST_ETCD_ENDPOINTS is not set: start etcd")
+        pytest.skip("set TEST_ETCD_ENDPOINTS=host:port to run against etcd")
+    return f"etcd://{endpoints}"
+
+
+@pytest.fixture(params=["memory", "sqlite", "etcd"])
+async def new_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[StoreFactory]:
+    """Makes clients of one store; two clients stand for two processes."""
+    kind: str = request.param
+    group = f"it-state-{uuid.uuid4().hex[:8]}"
+    shared_memory: dict[tuple[int, float], MemoryStateStore] = {}
+    opened: list[StateStore] = []
+
+    def make(max_ids: int = 1000, ttl_s: float = 3600.0) -> StateStore:
+        store: StateStore
+        if kind == "memory":
+            key = (max_ids, ttl_s)
+            store = shared_memory.setdefault(key, MemoryStateStore(max_ids, ttl_s, time.time))
+        else:
+            url = f"sqlite://{tmp_path / 'state.db'}" if kind == "sqlite" else etcd_url()
+            settings = Settings(
+                state_url=url, consumer_group=group, dedupe_max_ids=max_ids, dedupe_ttl_s=ttl_s
+            )
+            store = open_state_store(settings)
+        opened.append(store)
+        return store
+
+    yield make
+    for store in opened:
+        await store.close()
+
+
+def ids(records: list[tuple[str, float]]) -> list[str]:
+    return [event_id for event_id, _ in records]
+
+
+async def test_records_outlive_the_client_that_wrote_them(new_store: StoreFactory) -> None:
+    writer = new_store()
+    await writer.open()
+    await writer.commit("s", [("a", time.time()), ("b", time.time())], None)
+    await writer.close()
+
+    reader = new_store()
+    await reader.open()
+    assert sorted(ids((await reader.load("s")).records)) == ["a", "b"]
+    assert (await reader.load("other")).records == []
+
+
+async def test_later_loads_return_what_other_writers_added(new_store: StoreFactory) -> None:
+    first, second = new_store(), new_store()
+    await first.open()
+    await second.open()
+    await first.commit("shared", [("a", time.time())], None)
+    cursor = (await second.load("shared")).cursor
+    await first.commit("shared", [("b", time.time()), ("c", time.time())], None)
+    newer = await second.load("shared", after=cursor)
+    assert {"b", "c"} <= set(ids(newer.records))
+
+
+async def test_a_stale_owner_cannot_overwrite_after_a_take_over(new_store: StoreFactory) -> None:
+    old_owner, new_owner = new_store(), new_store()
+    await old_owner.open()
+    await new_owner.open()
+    old_token = await old_owner.take_over("partition-0")
+    await old_owner.commit("partition-0", [("a", time.time())], old_token)
+
+    new_token = await new_owner.take_over("partition-0")  # a rebalance moved the partition
+    assert "a" in ids((await new_owner.load("partition-0")).records)  # state handed over
+    with pytest.raises(Fenced):
+        await old_owner.commit("partition-0", [("late", time.time())], old_token)
+    await new_owner.commit("partition-0", [("b", time.time())], new_token)
+    assert "late" not in ids((await new_owner.load("partition-0")).records)
+
+
+async def test_the_horizon_bounds_what_is_kept(new_store: StoreFactory) -> None:
+    store = new_store(max_ids=30, ttl_s=3600)
+    await store.open()
+    for batch in range(10):
+        now = time.time()
+        await store.commit("s", [(f"e{batch}-{n}", now) for n in range(10)], None)
+    kept = ids((await store.load("s")).records)
+    assert 30 <= len(kept) <= 40  # count horizon, at batch granularity
+    assert "e9-9" in kept and "e0-0" not in kept
+
+
+async def test_old_records_expire(new_store: StoreFactory) -> None:
+    store = new_store(ttl_s=1.0)
+    await store.open()
+    await store.commit("s", [("old", time.time())], None)
+    await asyncio.sleep(1.5)
+    assert (await store.load("s")).records == []
