@@ -22,16 +22,22 @@ CRASH = TEMPLATE / "tests" / "crash"
 ADDRESSES = {"kafka": "TEST_KAFKA_BOOTSTRAP", "rabbitmq": "TEST_AMQP_URL"}
 
 
+@pytest.mark.parametrize("state", ["sqlite", "etcd"])
 @pytest.mark.parametrize("broker", ["kafka", "rabbitmq"])
-def test_sigkill_loses_nothing_and_rehandles_only_in_flight(tmp_path: Path, broker: str) -> None:
+def test_sigkill_loses_nothing_and_rehandles_only_in_flight(
+    tmp_path: Path, broker: str, state: str
+) -> None:
     variable = ADDRESSES[broker]
-    if not os.environ.get(variable):
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but {variable} is not set: run scripts/servers.sh start")
-        pytest.skip(f"set {variable} (bash scripts/servers.sh start) to run the crash test")
+    needed = [variable] + (["TEST_ETCD_ENDPOINTS"] if state == "etcd" else [])
+    for name in needed:
+        if not os.environ.get(name):
+            if os.environ.get("CI") == "true":
+                pytest.fail(f"CI=true but {name} is not set: run scripts/servers.sh start")
+            pytest.skip(f"set {name} (bash scripts/servers.sh start) to run the crash test")
     service = bake(tmp_path / "bake", broker=broker, service_name="crash-test")
     shutil.copy(CRASH / "handlers.py", service / "src" / "crash_test" / "handlers.py")
     env = tool_env()
+    env["CRASH_STATE"] = state
     for other in set(ADDRESSES.values()) - {variable}:
         env.pop(other, None)
     subprocess.run(["uv", "sync", "--quiet"], cwd=service, env=env, check=True, timeout=600)
@@ -45,7 +51,7 @@ def test_sigkill_loses_nothing_and_rehandles_only_in_flight(tmp_path: Path, brok
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     figures = json.loads(result.stdout.strip().splitlines()[-1])
-    print(f"\ncrash test figures ({broker}): {json.dumps(figures)}")
+    print(f"\ncrash test figures ({broker}, {state}): {json.dumps(figures)}")
 
     assert figures["kills"] >= 3
     assert figures["missing"] == 0, "events lost"

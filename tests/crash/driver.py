@@ -3,7 +3,8 @@
     python driver.py PACKAGE OUT_DIR
 
 It starts `python -m PACKAGE run` against the broker in TEST_KAFKA_BOOTSTRAP or
-TEST_AMQP_URL, publishes events (with producer duplicates and poison), SIGKILLs the
+TEST_AMQP_URL (state in SQLite, or in etcd at TEST_ETCD_ENDPOINTS with
+CRASH_STATE=etcd), publishes events (with producer duplicates and poison), SIGKILLs the
 service at random moments and restarts it, then publishes duplicates of handled events
 and checks they are dropped. It prints one JSON object of figures on stdout.
 """
@@ -46,11 +47,16 @@ else:
     BROKER_URL = os.environ["TEST_AMQP_URL"]
     support = importlib.import_module("tests.integration.rabbitmq_support")
 
+if os.environ.get("CRASH_STATE", "sqlite") == "etcd":
+    STATE_URL = f"etcd://{os.environ['TEST_ETCD_ENDPOINTS']}"
+else:
+    STATE_URL = f"sqlite://{OUT / 'state.db'}"
+
 RUN = uuid.uuid4().hex[:8]
 PREFIX = config.ENV_PREFIX
 SERVICE_ENV = {
     f"{PREFIX}BROKER_URL": BROKER_URL,
-    f"{PREFIX}STATE_URL": f"sqlite://{OUT / 'state.db'}",
+    f"{PREFIX}STATE_URL": STATE_URL,
     f"{PREFIX}CONSUMER_GROUP": f"crash-{RUN}",
     f"{PREFIX}TOPIC_PREFIX": f"crash-{RUN}.",
     f"{PREFIX}BATCH_SIZE": str(BATCH_SIZE),
@@ -177,11 +183,15 @@ async def main() -> dict[str, Any]:
     await producer.close()
 
     parked = await support.read_dead_letters(
-        settings.model_copy(update={"consumer_group": f"crash-{RUN}"}), TOPIC, POISON, 60
+        settings.model_copy(update={"consumer_group": f"crash-{RUN}"}),
+        TOPIC,
+        lambda seen: set(poison) <= {body for body, _ in seen},
+        60,
     )
     parked_bodies = {body for body, _ in parked}
     return {
         "broker": BROKER_URL.split(":")[0],
+        "state": STATE_URL.split(":")[0],
         "seed": SEED,
         "events": EVENTS,
         "producer_duplicates_during_kills": len(plan) - EVENTS,

@@ -87,7 +87,7 @@ class Backend:
                 for message in self.bus.messages(settings.dead_letter_topic_for(topic))
             ]
         parked: list[tuple[bytes, dict[str, str]]] = await self.support.read_dead_letters(
-            settings, topic, expected, deadline_s
+            settings, topic, lambda seen: len(seen) >= expected, deadline_s
         )
         return parked
 

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 
 from aiokafka import AIOKafkaConsumer
 
 from {{ cookiecutter.package_name }}.runtime.brokers.base import text_headers
 from {{ cookiecutter.package_name }}.runtime.brokers.kafka import bootstrap_servers
 from {{ cookiecutter.package_name }}.runtime.config import Settings
+
+# Reading stops once this says the parked messages seen so far are enough.
+Enough = Callable[[list[tuple[bytes, dict[str, str]]]], bool]
 
 ADDRESS_VARIABLE = "TEST_KAFKA_BOOTSTRAP"
 
@@ -20,7 +24,7 @@ def url_from_environment() -> str | None:
 
 
 async def read_dead_letters(
-    settings: Settings, topic: str, expected: int, deadline_s: float
+    settings: Settings, topic: str, enough: Enough, deadline_s: float
 ) -> list[tuple[bytes, dict[str, str]]]:
     consumer = AIOKafkaConsumer(
         settings.dead_letter_topic_for(topic),
@@ -33,7 +37,7 @@ async def read_dead_letters(
     parked: list[tuple[bytes, dict[str, str]]] = []
     try:
         async with asyncio.timeout(deadline_s):
-            while len(parked) < expected:
+            while not enough(parked):
                 records = await consumer.getmany(timeout_ms=200)
                 for messages in records.values():
                     parked += [(m.value or b"", text_headers(m.headers)) for m in messages]

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 
 import aio_pika
 
 from {{ cookiecutter.package_name }}.runtime.config import Settings
+
+# Reading stops once this says the parked messages seen so far are enough.
+Enough = Callable[[list[tuple[bytes, dict[str, str]]]], bool]
 
 ADDRESS_VARIABLE = "TEST_AMQP_URL"
 
@@ -17,7 +21,7 @@ def url_from_environment() -> str | None:
 
 
 async def read_dead_letters(
-    settings: Settings, topic: str, expected: int, deadline_s: float
+    settings: Settings, topic: str, enough: Enough, deadline_s: float
 ) -> list[tuple[bytes, dict[str, str]]]:
     """RabbitMQ parks every topic's messages in the service's one dead-letter queue."""
     connection = await aio_pika.connect(settings.broker_url)
@@ -26,7 +30,7 @@ async def read_dead_letters(
         channel = await connection.channel()
         queue = await channel.declare_queue(settings.dead_letter_queue, passive=True)
         async with asyncio.timeout(deadline_s):
-            while len(parked) < expected:
+            while not enough(parked):
                 message = await queue.get(no_ack=True, fail=False)
                 if message is None:
                     await asyncio.sleep(0.05)
