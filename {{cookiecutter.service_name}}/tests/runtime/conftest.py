@@ -21,6 +21,7 @@ from {{ cookiecutter.package_name }}.runtime.testing import ServiceHarness
 
 FAST: dict[str, Any] = {
     "batch_timeout_ms": 5,
+    "commit_interval_ms": 1,
     "retry_initial_backoff_ms": 1,
     "retry_max_backoff_ms": 2,
     "publish_retry_max_backoff_ms": 5,

@@ -133,14 +133,28 @@ class ConsumerLoop:
         return self.stats
 
     async def _fetch_unless_stopped(self, stop: asyncio.Event) -> list[InboundMessage]:
-        fetching = asyncio.ensure_future(
-            self.broker.fetch(self.settings.batch_size, self.settings.batch_timeout_ms / 1000)
-        )
+        fetching = asyncio.ensure_future(self._fill_batch())
         if not await _finished_before(fetching, stop):
             fetching.cancel()  # nothing was delivered yet; close() returns anything that was
             await asyncio.gather(fetching, return_exceptions=True)
             return []
         return fetching.result()
+
+    async def _fill_batch(self) -> list[InboundMessage]:
+        """Up to BATCH_SIZE messages: once one arrived, keep filling for COMMIT_INTERVAL_MS.
+
+        This is what bounds store writes and acks: one per stream per interval, or per
+        full batch, whatever the message rate.
+        """
+        size = self.settings.batch_size
+        batch = await self.broker.fetch(size, self.settings.batch_timeout_ms / 1000)
+        if not batch:
+            return batch
+        clock = asyncio.get_running_loop().time
+        deadline = clock() + self.settings.commit_interval_ms / 1000
+        while len(batch) < size and (left := deadline - clock()) > 0:
+            batch += await self.broker.fetch(size - len(batch), left)
+        return batch
 
     async def _process_or_drain(self, batch: list[InboundMessage], stop: asyncio.Event) -> None:
         processing = asyncio.ensure_future(self.process_batch(batch))

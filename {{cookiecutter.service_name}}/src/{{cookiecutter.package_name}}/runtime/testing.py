@@ -47,6 +47,7 @@ class ServiceHarness:
             "broker_url": "memory://",
             "state_url": "memory://",
             "batch_timeout_ms": 5,
+            "commit_interval_ms": 1,
             "retry_initial_backoff_ms": 1,
             "retry_max_backoff_ms": 5,
         }

@@ -32,7 +32,8 @@ from .base import Fenced, Loaded, StateStore, StateUnavailable
 
 log = get_logger(component="etcd")
 CHUNK_BYTES = 1_000_000  # etcd refuses requests over 1.5 MiB by default
-MAX_DELETES_PER_TXN = 100  # etcd allows 128 operations per transaction by default
+MAX_DELETES_PER_TXN = 100
+MAX_RESPONSE_BYTES = 512 * 1024 * 1024  # etcd allows 128 operations per transaction by default
 # Refresh reads keys written up to this long before the cursor: writers' clocks differ.
 CLOCK_SKEW_NS = 30_000_000_000
 
@@ -93,6 +94,8 @@ class EtcdStateStore(StateStore):
                 username=self.etcd.etcd_username,
                 password=self.etcd.etcd_password,
                 timeout=self.etcd.etcd_timeout_s,
+                # A restore reads a whole dedupe window in one response (~40 bytes per id).
+                options={"grpc.max_receive_message_length": MAX_RESPONSE_BYTES},
             )
             await client.connect()
             self._client = client
