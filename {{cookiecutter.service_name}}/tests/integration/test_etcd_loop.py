@@ -23,7 +23,12 @@ from google.protobuf.wrappers_pb2 import StringValue
 from {{ cookiecutter.package_name }}.runtime import Context, Router
 from {{ cookiecutter.package_name }}.runtime.app import build_loop
 from {{ cookiecutter.package_name }}.runtime.brokers.memory import MemoryBroker
-from {{ cookiecutter.package_name }}.runtime.state import StateStore, open_state_store
+from {{ cookiecutter.package_name }}.runtime.config import ENV_PREFIX, Settings
+from {{ cookiecutter.package_name }}.runtime.state import (
+    StateStore,
+    StateUnavailable,
+    open_state_store,
+)
 from {{ cookiecutter.package_name }}.runtime.testing import ServiceHarness
 
 from ..runtime.conftest import FAST, RunningLoop
@@ -36,36 +41,41 @@ def free_port() -> int:
 
 
 class PrivateEtcd:
-    """An etcd process of this test's own, on loopback."""
+    """An etcd process of this test's own, on loopback; with `tls`, mutual TLS only."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, tls: dict[str, Path] | None = None) -> None:
         self.data_dir = data_dir
         self.port, self.peer_port = free_port(), free_port()
         self.process: subprocess.Popen[bytes] | None = None
+        self.tls = tls  # server "cert" and "key"; client certificates must chain to "ca"
 
     @property
     def url(self) -> str:
         return f"etcd://127.0.0.1:{self.port}"
 
+    def arguments(self) -> list[str]:
+        client = f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        arguments = [
+            f"--data-dir={self.data_dir}",
+            f"--listen-client-urls={client}",
+            f"--advertise-client-urls={client}",
+            f"--listen-peer-urls={peer}",
+            f"--initial-advertise-peer-urls={peer}",
+            f"--initial-cluster=default={peer}",
+        ]
+        if self.tls:
+            arguments += [
+                f"--cert-file={self.tls['cert']}",
+                f"--key-file={self.tls['key']}",
+                "--client-cert-auth",
+                f"--trusted-ca-file={self.tls['ca']}",
+            ]
+        return arguments
+
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [
-                "etcd",
-                "--data-dir",
-                str(self.data_dir),
-                "--listen-client-urls",
-                f"http://127.0.0.1:{self.port}",
-                "--advertise-client-urls",
-                f"http://127.0.0.1:{self.port}",
-                "--listen-peer-urls",
-                f"http://127.0.0.1:{self.peer_port}",
-                "--initial-advertise-peer-urls",
-                f"http://127.0.0.1:{self.peer_port}",
-                "--initial-cluster",
-                f"default=http://127.0.0.1:{self.peer_port}",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            ["etcd", *self.arguments()], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         deadline = time.monotonic() + 30
         while True:
@@ -209,3 +219,76 @@ async def test_the_etcd_key_count_stays_bounded_over_a_long_run(
     assert len(handled) == 3000
     assert max(counts) <= 200 + 50  # the horizon, at batch granularity
     await service.state.close()
+
+
+def make_certificates(folder: Path, name: str) -> dict[str, Path]:
+    """A throwaway CA with a server certificate for 127.0.0.1 and a client certificate."""
+    folder.mkdir(parents=True)
+
+    def openssl(*arguments: str) -> None:
+        subprocess.run(["openssl", *arguments], cwd=folder, check=True, capture_output=True)
+
+    subject = f"/CN={name} test CA"
+    openssl(
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        "-keyout", "ca.key", "-out", "ca.pem", "-subj", subject,
+    )  # fmt: skip
+    extensions = {
+        "server": "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+        "client": "extendedKeyUsage=clientAuth\n",
+    }
+    for role, extension in extensions.items():
+        (folder / f"{role}.ext").write_text(extension)
+        openssl(
+            "req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{role}.key",
+            "-out", f"{role}.csr", "-subj", f"/CN={role}",
+        )  # fmt: skip
+        openssl(
+            "x509", "-req", "-in", f"{role}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "1", "-out", f"{role}.pem", "-extfile", f"{role}.ext",
+        )  # fmt: skip
+    return {
+        "ca": folder / "ca.pem",
+        "cert": folder / "server.pem",
+        "key": folder / "server.key",
+        "client_cert": folder / "client.pem",
+        "client_key": folder / "client.key",
+    }
+
+
+@pytest.fixture
+def tls_etcd(tmp_path: Path) -> Iterator[PrivateEtcd]:
+    for binary in ("etcd", "openssl"):
+        if shutil.which(binary) is None:
+            if os.environ.get("CI") == "true":
+                pytest.fail(f"CI=true but {binary} is missing")
+            pytest.skip(f"install {binary} to run the etcd TLS tests")
+    server = PrivateEtcd(tmp_path / "etcd", make_certificates(tmp_path / "pki", "etcd"))
+    server.start()
+    yield server
+    server.stop()
+
+
+async def test_etcd_over_mutual_tls_uses_the_configured_ca_and_certificate(
+    tls_etcd: PrivateEtcd, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    assert tls_etcd.tls is not None
+    group = f"it-tls-{uuid.uuid4().hex[:6]}"
+    settings = Settings(state_url=tls_etcd.url, consumer_group=group)
+    monkeypatch.setenv(f"{ENV_PREFIX}ETCD_TLS_CA_FILE", str(tls_etcd.tls["ca"]))
+    monkeypatch.setenv(f"{ENV_PREFIX}ETCD_TLS_CERT_FILE", str(tls_etcd.tls["client_cert"]))
+    monkeypatch.setenv(f"{ENV_PREFIX}ETCD_TLS_KEY_FILE", str(tls_etcd.tls["client_key"]))
+    store = open_state_store(settings)
+    await store.commit("s", [("over-tls", time.time())], None)
+    assert [event_id for event_id, _ in (await store.load("s")).records] == ["over-tls"]
+    await store.close()
+
+    # A CA that did not sign the server's certificate fails, with the reason in one line.
+    other_ca = make_certificates(tmp_path / "other", "other")["ca"]
+    monkeypatch.setenv(f"{ENV_PREFIX}ETCD_TLS_CA_FILE", str(other_ca))
+    monkeypatch.setenv(f"{ENV_PREFIX}ETCD_TIMEOUT_S", "2")
+    untrusting = open_state_store(settings)
+    with pytest.raises(StateUnavailable, match=r"^etcd: ") as refused:
+        await untrusting.load("s")
+    assert "\n" not in str(refused.value)
+    await untrusting.close()

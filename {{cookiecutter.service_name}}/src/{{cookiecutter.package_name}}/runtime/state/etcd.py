@@ -17,16 +17,22 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import aetcd
+import aetcd.rpc
+import aetcd.watcher
+import grpc
 from aetcd.exceptions import ClientError
 from aetcd.utils import prefix_range_end
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ..config import ENV_PREFIX, Settings, load_model
+from ..errors import ConfigError
 from ..logs import get_logger
 from .base import Fenced, Loaded, StateStore, StateUnavailable
 
@@ -47,6 +53,22 @@ class EtcdSettings(BaseSettings):
     etcd_username: str | None = None
     etcd_password: str | None = None
     etcd_timeout_s: float = Field(5.0, gt=0, description="Per-request timeout")
+    etcd_tls_ca_file: Path | None = Field(None, description="CA bundle: turns TLS on")
+    etcd_tls_cert_file: Path | None = Field(None, description="Client certificate (mutual TLS)")
+    etcd_tls_key_file: Path | None = Field(None, description="Client certificate's key")
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        """TLS credentials from the ETCD_TLS_* files, or None for plaintext."""
+        files = (self.etcd_tls_ca_file, self.etcd_tls_cert_file, self.etcd_tls_key_file)
+        if not any(files):
+            return None
+        try:
+            ca, cert, key = (path.read_bytes() if path else None for path in files)
+        except OSError as error:
+            raise ConfigError(f"{ENV_PREFIX}ETCD_TLS_*: cannot read {error.filename}") from None
+        return grpc.ssl_channel_credentials(
+            root_certificates=ca, private_key=key, certificate_chain=cert
+        )
 
 
 def endpoints_of(url: str) -> list[tuple[str, int]]:
@@ -88,7 +110,8 @@ class EtcdStateStore(StateStore):
     async def _connected(self) -> aetcd.Client:
         if self._client is None:
             host, port = self._endpoints[self._endpoint % len(self._endpoints)]
-            client = aetcd.Client(
+            credentials = self.etcd.credentials()
+            client = (aetcd.Client if credentials is None else partial(_TlsClient, credentials))(
                 host,
                 port,
                 username=self.etcd.etcd_username,
@@ -181,7 +204,7 @@ class EtcdStateStore(StateStore):
     async def _call(self, step: Callable[..., Any], *args: Any) -> Any:
         try:
             return await step(*args)
-        except (ClientError, OSError, TimeoutError) as error:
+        except (ClientError, grpc.RpcError, OSError, TimeoutError) as error:
             await self._reset()
             raise StateUnavailable(f"etcd: {type(error).__name__}: {error}") from error
 
@@ -200,6 +223,34 @@ class EtcdStateStore(StateStore):
 
     def key_count_prefix(self) -> bytes:
         return self._root
+
+
+class _TlsClient(aetcd.Client):  # type: ignore[misc]
+    """aetcd opens plaintext channels only; this opens the same stubs over TLS."""
+
+    def __init__(self, credentials: grpc.ChannelCredentials, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._credentials = credentials
+
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        self.channel = grpc.aio.secure_channel(
+            f"{self._host}:{self._port}", self._credentials, options=list(self._options.items())
+        )
+        if self._username is not None and self._password is not None:
+            self.auth_stub = aetcd.rpc.AuthStub(self.channel)
+            request = aetcd.rpc.AuthenticateRequest(name=self._username, password=self._password)
+            response = await self.auth_stub.Authenticate(request, timeout=self._timeout)
+            self.metadata = (("token", response.token),)
+        self.kvstub = aetcd.rpc.KVStub(self.channel)
+        self.clusterstub = aetcd.rpc.ClusterStub(self.channel)
+        self.leasestub = aetcd.rpc.LeaseStub(self.channel)
+        self.maintenancestub = aetcd.rpc.MaintenanceStub(self.channel)
+        self._watcher = aetcd.watcher.Watcher(
+            aetcd.rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
+        )
+        self._connected.set()
 
 
 def _chunks(ids: list[str]) -> list[list[str]]:
