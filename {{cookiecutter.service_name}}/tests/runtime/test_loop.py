@@ -9,8 +9,8 @@ from typing import Any
 from google.protobuf.wrappers_pb2 import Int64Value, StringValue
 
 from {{ cookiecutter.package_name }}.runtime import Context, DeadLetter, RetryLater, Router
-from {{ cookiecutter.package_name }}.runtime.brokers.base import DLQ_ORIGIN, DLQ_REASON
-from {{ cookiecutter.package_name }}.runtime.brokers.memory import MemoryBus
+from {{ cookiecutter.package_name }}.runtime.brokers.base import DLQ_ORIGIN, DLQ_REASON, InboundMessage
+from {{ cookiecutter.package_name }}.runtime.brokers.memory import MemoryBroker, MemoryBus
 from {{ cookiecutter.package_name }}.runtime.envelope import derive_event_id
 from {{ cookiecutter.package_name }}.runtime.state.memory import MemoryStateStore
 from {{ cookiecutter.package_name }}.runtime.testing import ServiceHarness
@@ -317,3 +317,57 @@ async def test_drain_deadline_leaves_unfinished_work_for_redelivery() -> None:
     assert stats.acked == 0
     assert bus.pending(settings.consumer_group) == 1
     assert bus.queue(settings.consumer_group).ready[0].redelivered
+
+
+class GatedBroker(MemoryBroker):
+    """Fetches only while its gate is open; its acks can be made to hang (a crash point)."""
+
+    def __init__(self, bus: MemoryBus, group: str) -> None:
+        super().__init__(bus, group)
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.hang_acks = False
+
+    async def fetch(self, max_messages: int, max_wait_s: float) -> list[InboundMessage]:
+        if not self.gate.is_set():
+            await asyncio.sleep(max_wait_s)
+            return []
+        return await super().fetch(max_messages, max_wait_s)
+
+    async def ack(self, messages: Any) -> None:
+        if self.hang_acks:
+            await asyncio.Event().wait()  # killed here: handled and recorded, never acked
+        await super().ack(messages)
+
+
+async def test_a_redelivery_to_another_replica_is_recognised() -> None:
+    """Competing replicas: A records E then dies before acking; E goes to B, which learns
+    from the shared store that E was handled and drops it."""
+    bus = MemoryBus()
+    settings = fast_settings()
+    store = MemoryStateStore(1000, 3600, time.time)  # stands for the shared store
+    handled: list[str] = []
+    router = echo_router(handled)
+    group = settings.consumer_group
+    bus.bind(group, router.event_types())
+
+    replica_b = GatedBroker(bus, group)
+    b = RunningLoop(make_loop(router, bus, store, settings, replica_b))
+    await publish_to(bus, router, StringValue(value="warm-up"))
+    await b.wait_until(lambda: handled == ["warm-up"])  # B has loaded the stream already
+    replica_b.gate.clear()
+
+    replica_a = GatedBroker(bus, group)
+    replica_a.hang_acks = True
+    a = RunningLoop(make_loop(router, bus, store, settings, replica_a))
+    await publish_to(bus, router, StringValue(value="E"))
+    await a.wait_until(lambda: store.commits == 2)  # E handled and recorded by A
+    await a.crash()
+    assert bus.queue(group).ready[0].redelivered
+
+    replica_b.gate.set()
+    await b.wait_until(lambda: bus.pending(group) == 0)
+    stats = await b.stop_gracefully()
+    assert handled == ["warm-up", "E"]  # not handled a second time
+    assert stats.duplicates == 1
+    assert stats.shared_lookups >= 1
