@@ -27,7 +27,7 @@ from {{ cookiecutter.package_name }}.runtime.brokers import (
     open_broker,
 )
 from {{ cookiecutter.package_name }}.runtime.brokers.memory import MemoryBroker, MemoryBus
-from {{ cookiecutter.package_name }}.runtime.config import PACKAGE_NAME, Settings
+from {{ cookiecutter.package_name }}.runtime.config import ENV_PREFIX, PACKAGE_NAME, Settings
 
 from ..runtime.conftest import FAST
 
@@ -102,6 +102,16 @@ def make_backend(name: str) -> Backend:
             pytest.fail(f"CI=true but {support.ADDRESS_VARIABLE} is not set: start the server")
         pytest.skip(f"set {support.ADDRESS_VARIABLE} to run against a real {name}")
     return Backend(name, url, support)
+
+
+# Shorter group timeouts than production: a consumer that left is replaced sooner.
+FAST_KAFKA_GROUPS = {"KAFKA_SESSION_TIMEOUT_MS": "6000", "KAFKA_HEARTBEAT_INTERVAL_MS": "1000"}
+
+
+@pytest.fixture(autouse=True)
+def _fast_kafka_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in FAST_KAFKA_GROUPS.items():
+        monkeypatch.setenv(ENV_PREFIX + name, value)
 
 
 @pytest.fixture(params=["memory", *REAL])
