@@ -19,6 +19,7 @@ from .envelope import CloudEventsProtobufCodec, Envelope, new_event_id, now
 from .errors import ConfigError
 from .health import Heartbeat, check
 from .logs import configure_logging
+from .telemetry import configure_telemetry, shutdown_telemetry
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,8 +69,12 @@ def _run(settings: Settings) -> int:
     from ..handlers import router
 
     configure_logging(settings)
+    configure_telemetry()
     loop = build_loop(settings, router, heartbeat=Heartbeat(settings.heartbeat_file))
-    asyncio.run(run_until_signalled(loop))
+    try:
+        asyncio.run(run_until_signalled(loop))
+    finally:
+        shutdown_telemetry()
     return 0
 
 

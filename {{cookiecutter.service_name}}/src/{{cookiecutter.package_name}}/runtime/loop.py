@@ -19,6 +19,8 @@ from functools import partial
 from typing import Any, TypeVar
 
 import structlog
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -27,6 +29,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from . import telemetry
 from .brokers.base import (
     Broker,
     BrokerUnavailable,
@@ -99,6 +102,9 @@ class ConsumerLoop:
         self.clock = clock
         self.stats = LoopStats()
         self.log = get_logger(service=settings.consumer_group)
+        self.tracer = telemetry.tracer()
+        self.metrics = telemetry.LoopMetrics()
+        self._messaging_system = _messaging_system(settings.broker_url)
         self._windows: dict[str, DedupeWindow] = {}
         self._fences: dict[str, int | None] = {}
         self._cursors: dict[str, int] = {}
@@ -171,6 +177,7 @@ class ConsumerLoop:
     async def process_batch(self, batch: Sequence[InboundMessage]) -> None:
         """Handle one batch and ack it once its outcome is durable."""
         self.stats.batches += 1
+        self.metrics.batch_size.record(len(batch))
         self.stats.received += len(batch)
         await self._restore({message.stream for message in batch})
         await self._refresh({message.stream for message in batch if message.redelivered})
@@ -191,7 +198,9 @@ class ConsumerLoop:
         if result.outbound:
             await self._until_done("publish", lambda: self.broker.publish(result.outbound))
         if result.processed:
+            started = time.perf_counter()
             await self._until_done("checkpoint", lambda: self._commit(result.processed))
+            self.metrics.checkpoint_duration.record(time.perf_counter() - started)
         await self._until_done("ack", lambda: self.broker.ack(batch))
         self.stats.acked += len(batch)
         now_s = self.clock()
@@ -199,6 +208,7 @@ class ConsumerLoop:
             self._windows[stream].add(records, now_s)
         for record in result.dead:
             self.stats.dead_lettered[record.reason] += 1
+            self.metrics.dead_lettered.add(1, {"reason": record.reason})
             self.log.warning(
                 "dead-lettered",
                 reason=record.reason,
@@ -227,6 +237,7 @@ class ConsumerLoop:
             identity = (message.stream, envelope.id)
             if envelope.id in self._windows[message.stream] or identity in seen:
                 self.stats.duplicates += 1
+                self.metrics.duplicates.add(1)
                 continue
             seen.add(identity)
             result.processed[message.stream].append((envelope.id, recorded_at))
@@ -244,6 +255,23 @@ class ConsumerLoop:
 
     async def _handle(self, item: _Work) -> list[Emitted] | DeadLetterRecord:
         envelope, message = item.envelope, item.message
+        with self.tracer.start_as_current_span(
+            f"process {message.topic}",
+            context=telemetry.extract(message.headers),
+            kind=SpanKind.CONSUMER,
+            attributes=self._span_attributes(message, envelope),
+        ) as span:
+            outcome = await self._handle_in_span(item, span)
+            if isinstance(outcome, DeadLetterRecord):
+                span.set_status(Status(StatusCode.ERROR, outcome.reason))
+            else:
+                self._trace_emits(envelope, outcome)
+            return outcome
+
+    async def _handle_in_span(
+        self, item: _Work, span: trace.Span
+    ) -> list[Emitted] | DeadLetterRecord:
+        envelope, message = item.envelope, item.message
         log = self.log.bind(
             event_id=envelope.id,
             event_type=envelope.type,
@@ -252,6 +280,12 @@ class ConsumerLoop:
             stream=message.stream,
             position=message.position,
         )
+        span_context = span.get_span_context()
+        if span_context.is_valid:
+            log = log.bind(
+                trace_id=format(span_context.trace_id, "032x"),
+                span_id=format(span_context.span_id, "016x"),
+            )
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.settings.retry_attempts),
             wait=wait_random_exponential(
@@ -266,18 +300,65 @@ class ConsumerLoop:
             async for attempt in retrying:
                 with attempt:
                     number = attempt.retry_state.attempt_number
-                    context = Context(envelope, number, log.bind(attempt=number))
-                    await item.spec.handler(envelope.payload, context)
+                    context = Context(envelope, number, log.bind(attempt=number), span)
+                    started = time.perf_counter()
+                    try:
+                        await item.spec.handler(envelope.payload, context)
+                    finally:
+                        self.metrics.handler_duration.record(
+                            time.perf_counter() - started, {"event.type": envelope.type}
+                        )
         except DeadLetter as error:
             return DeadLetterRecord(message, error.reason, error.detail)
         except Exception as error:
+            span.record_exception(error)
             attempts = self.settings.retry_attempts
             detail = f"{type(error).__name__}: {error} (after {attempts} attempts)"
             return DeadLetterRecord(message, "handler-failed", detail)
         return context.emitted
 
+    def _span_attributes(self, message: InboundMessage, envelope: Envelope) -> dict[str, Any]:
+        """OpenTelemetry messaging and CloudEvents semantic conventions."""
+        attributes: dict[str, Any] = {
+            "messaging.system": self._messaging_system,
+            "messaging.operation.type": "process",
+            "messaging.operation.name": "process",
+            "messaging.destination.name": message.topic,
+            "messaging.consumer.group.name": self.settings.consumer_group,
+            "messaging.message.id": envelope.id,
+            "cloudevents.event_id": envelope.id,
+            "cloudevents.event_source": envelope.source,
+            "cloudevents.event_type": envelope.type,
+        }
+        if envelope.subject:
+            attributes["cloudevents.event_subject"] = envelope.subject
+        topic, _, partition = message.stream.rpartition(":")
+        if topic == message.topic and partition.isdigit():
+            attributes["messaging.destination.partition.id"] = partition
+            attributes["messaging.kafka.offset"] = message.position
+        return attributes
+
+    def _trace_emits(self, parent: Envelope, emitted: list[Emitted]) -> None:
+        """A producer span per emitted event, child of the consumer span; its context
+        travels in the event's headers so the next service continues the trace."""
+        for event in emitted:
+            topic = self.settings.topic_for(event_type_of(event.message))
+            with self.tracer.start_as_current_span(
+                f"send {topic}",
+                kind=SpanKind.PRODUCER,
+                attributes={
+                    "messaging.system": self._messaging_system,
+                    "messaging.operation.type": "send",
+                    "messaging.operation.name": "send",
+                    "messaging.destination.name": topic,
+                    "messaging.message.id": derive_event_id(parent.id, event.position),
+                },
+            ):
+                telemetry.inject(event.headers)
+
     def _on_retry(self, state: RetryCallState, log: structlog.typing.FilteringBoundLogger) -> None:
         self.stats.retries += 1
+        self.metrics.retries.add(1)
         error = state.outcome.exception() if state.outcome is not None else None
         log.warning(
             "retrying",
@@ -294,6 +375,8 @@ class ConsumerLoop:
             return
         self.stats.handled += 1
         self.stats.emitted += len(outcome)
+        self.metrics.handled.add(1)
+        self.metrics.emitted.add(len(outcome))
         result.outbound.extend(self._to_outbound(item.envelope, emitted) for emitted in outcome)
 
     def _to_outbound(self, parent: Envelope, emitted: Emitted) -> OutboundMessage:
@@ -314,7 +397,7 @@ class ConsumerLoop:
             topic=self.settings.topic_for(event_type),
             body=self.codec.encode(envelope),
             key=emitted.key,
-            headers={CONTENT_TYPE_HEADER: self.codec.content_type},
+            headers={CONTENT_TYPE_HEADER: self.codec.content_type, **emitted.headers},
         )
 
     async def _restore(self, streams: set[str]) -> None:
@@ -380,6 +463,7 @@ class ConsumerLoop:
                 outcome = await step()
             except (BrokerUnavailable, StateUnavailable) as error:
                 failures += 1
+                self.metrics.checkpoint_failures.add(1, {"step": what})
                 self._beat(ready=False)
                 self.log.warning(f"{what} failed; retrying", error=str(error), failures=failures)
                 await asyncio.sleep(random.uniform(0, delay))
@@ -423,3 +507,8 @@ async def _finished_before(work: asyncio.Future[Any], stop: asyncio.Event) -> bo
 def _is_transient(error: BaseException) -> bool:
     """Retry handler errors, but never DeadLetter, and never cancellation (a stop or crash)."""
     return isinstance(error, Exception) and not isinstance(error, DeadLetter)
+
+
+def _messaging_system(broker_url: str) -> str:
+    scheme = broker_url.split(":", 1)[0]
+    return {"amqp": "rabbitmq", "amqps": "rabbitmq"}.get(scheme, scheme)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import structlog
 from google.protobuf.message import Message
+from opentelemetry import trace
 
 from .envelope import Envelope, event_type_of
 from .errors import DeadLetter, RetryLater
@@ -23,6 +24,8 @@ class Emitted:
     message: Message
     key: str
     position: int
+    # Trace context of its producer span, set by the loop before publishing.
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,17 +40,23 @@ class HandlerSpec:
 
 
 class Context:
-    """Per-event helpers: metadata, a bound logger, emit, and the steering exceptions."""
+    """Per-event helpers: metadata, a bound logger, the current span, emit, and the
+    steering exceptions."""
 
     RetryLater = RetryLater
     DeadLetter = DeadLetter
 
     def __init__(
-        self, envelope: Envelope, attempt: int, log: structlog.typing.FilteringBoundLogger
+        self,
+        envelope: Envelope,
+        attempt: int,
+        log: structlog.typing.FilteringBoundLogger,
+        span: trace.Span | None = None,
     ):
         self.envelope = envelope
         self.attempt = attempt
         self.log = log
+        self.span = span if span is not None else trace.INVALID_SPAN  # the consumer span
         self._emitted: list[Emitted] = []
 
     @property

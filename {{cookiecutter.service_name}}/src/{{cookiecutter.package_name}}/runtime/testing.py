@@ -81,6 +81,7 @@ class ServiceHarness:
         event_id: str | None = None,
         event_type: str | None = None,
         topic: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> str:
         """Publish an event as another service would; returns its id."""
         envelope = Envelope(
@@ -92,12 +93,14 @@ class ServiceHarness:
             time=now(),
         )
         topic = topic or self.settings.topic_for(event_type_of(message))
-        self.publish_raw(self.codec.encode(envelope), topic, key=key)
+        self.publish_raw(self.codec.encode(envelope), topic, key=key, headers=headers)
         return envelope.id
 
-    def publish_raw(self, body: bytes, topic: str, *, key: str = "") -> None:
+    def publish_raw(
+        self, body: bytes, topic: str, *, key: str = "", headers: dict[str, str] | None = None
+    ) -> None:
         """Publish arbitrary bytes (poison messages, foreign formats) to `topic`."""
-        message = OutboundMessage(topic=topic, body=body, key=key)
+        message = OutboundMessage(topic=topic, body=body, key=key, headers=headers or {})
         self._published_by_test.add(id(message))
         self.bus.put(message)
 

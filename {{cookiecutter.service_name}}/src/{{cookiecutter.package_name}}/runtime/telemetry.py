@@ -1,0 +1,157 @@
+"""OpenTelemetry traces and metrics, pushed (no port), configured only by OTEL_* variables.
+
+- OTEL_EXPORTER_OTLP_ENDPOINT (or *_TRACES_/*_METRICS_ENDPOINT) set: export over OTLP,
+  gRPC by default, HTTP with OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf.
+- OTEL_TRACES_EXPORTER / OTEL_METRICS_EXPORTER: `otlp`, `console` (local runs) or `none`.
+- Nothing set: nothing is exported, and the API's no-op tracer keeps the cost near zero.
+- Sampling: OTEL_TRACES_SAMPLER (default parentbased_always_on), e.g.
+  OTEL_TRACES_SAMPLER=parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG=0.01.
+Trace context travels in message headers as W3C `traceparent` (OTEL_PROPAGATORS applies).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+from opentelemetry import metrics, propagate, trace
+from opentelemetry.context import Context as TraceContext
+
+from .. import SERVICE_NAME
+
+INSTRUMENTATION = f"{SERVICE_NAME}.runtime"
+
+
+def _exporter_names(kind: str) -> list[str]:
+    names = os.environ.get(f"OTEL_{kind.upper()}_EXPORTER")
+    if names is None:
+        endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
+            f"OTEL_EXPORTER_OTLP_{kind.upper()}_ENDPOINT"
+        )
+        return ["otlp"] if endpoint else []
+    return [name.strip() for name in names.split(",") if name.strip() not in ("", "none")]
+
+
+def _http() -> bool:
+    return os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc").startswith("http")
+
+
+def configure_telemetry() -> None:
+    """Install SDK providers for the exporters the environment asks for, if any."""
+    if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return
+    from opentelemetry.sdk.resources import Resource
+
+    resource = Resource.create({"service.name": SERVICE_NAME})
+    span_exporters = _exporter_names("traces")
+    if span_exporters:
+        _configure_traces(resource, span_exporters)
+    metric_exporters = _exporter_names("metrics")
+    if metric_exporters:
+        _configure_metrics(resource, metric_exporters)
+
+
+def _configure_traces(resource: Any, names: list[str]) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import (
+        BatchSpanProcessor,
+        ConsoleSpanExporter,
+        SimpleSpanProcessor,
+    )
+
+    provider = TracerProvider(resource=resource)  # sampler from OTEL_TRACES_SAMPLER
+    for name in names:
+        if name == "console":
+            provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
+        elif name == "otlp":
+            if _http():
+                from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+                    OTLPSpanExporter as HttpSpanExporter,
+                )
+
+                provider.add_span_processor(BatchSpanProcessor(HttpSpanExporter()))
+            else:
+                from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+                    OTLPSpanExporter as GrpcSpanExporter,
+                )
+
+                provider.add_span_processor(BatchSpanProcessor(GrpcSpanExporter()))
+    trace.set_tracer_provider(provider)
+
+
+def _configure_metrics(resource: Any, names: list[str]) -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import (
+        ConsoleMetricExporter,
+        MetricExporter,
+        PeriodicExportingMetricReader,
+    )
+
+    exporters: list[MetricExporter] = []
+    for name in names:
+        if name == "console":
+            exporters.append(ConsoleMetricExporter())
+        elif name == "otlp":
+            if _http():
+                from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
+                    OTLPMetricExporter as HttpMetricExporter,
+                )
+
+                exporters.append(HttpMetricExporter())
+            else:
+                from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
+                    OTLPMetricExporter as GrpcMetricExporter,
+                )
+
+                exporters.append(GrpcMetricExporter())
+    readers = [PeriodicExportingMetricReader(exporter) for exporter in exporters]
+    metrics.set_meter_provider(MeterProvider(resource=resource, metric_readers=readers))
+
+
+def shutdown_telemetry() -> None:
+    """Flush what is buffered (called when the service stops)."""
+    for provider in (trace.get_tracer_provider(), metrics.get_meter_provider()):
+        shutdown = getattr(provider, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+
+
+def extract(headers: Mapping[str, str]) -> TraceContext:
+    """The trace context a message carries in its headers (W3C traceparent)."""
+    return propagate.extract(headers)
+
+
+def inject(headers: MutableMapping[str, str]) -> None:
+    """Put the current trace context into outgoing message headers."""
+    propagate.inject(headers)
+
+
+def tracer() -> trace.Tracer:
+    return trace.get_tracer(INSTRUMENTATION)
+
+
+class LoopMetrics:
+    """The loop's instruments; no-ops until a meter provider is configured."""
+
+    def __init__(self) -> None:
+        meter = metrics.get_meter(INSTRUMENTATION)
+        self.handled = meter.create_counter("events.handled", description="Events handled")
+        self.duplicates = meter.create_counter(
+            "events.duplicates", description="Duplicates dropped"
+        )
+        self.retries = meter.create_counter("events.retries", description="Handler retries")
+        self.dead_lettered = meter.create_counter(
+            "events.dead_lettered", description="Events parked, by reason"
+        )
+        self.emitted = meter.create_counter("events.emitted", description="Events emitted")
+        self.handler_duration = meter.create_histogram(
+            "handler.duration", unit="s", description="Handler run time, per attempt"
+        )
+        self.batch_size = meter.create_histogram("batch.size", description="Messages per batch")
+        self.checkpoint_duration = meter.create_histogram(
+            "checkpoint.duration", unit="s", description="Time to record a batch in the store"
+        )
+        self.checkpoint_failures = meter.create_counter(
+            "checkpoint.failures", description="Store or bus writes that failed and were retried"
+        )
