@@ -70,11 +70,14 @@ async def test_round_trip_keeps_body_key_and_headers(backend: Backend) -> None:
     topic = settings.topic_for("round.trip")
     consumer = backend.broker(settings)
     await consumer.start([topic])
-    await publish(backend, settings, [OutboundMessage(topic, b"body", "k-1", {"h": "v"})])
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    headers = {"h": "v", "traceparent": traceparent}
+    await publish(backend, settings, [OutboundMessage(topic, b"body", "k-1", headers)])
 
     [message] = await fetch_at_least(consumer, 1)
     assert (message.body, message.key, message.topic) == (b"body", "k-1", topic)
     assert message.headers["h"] == "v"
+    assert message.headers["traceparent"] == traceparent  # trace context crosses the bus
     await consumer.ack([message])
 
 

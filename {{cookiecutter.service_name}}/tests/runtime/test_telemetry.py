@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
 
 import pytest
+import structlog
 from google.protobuf.wrappers_pb2 import Int64Value, StringValue
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -95,6 +97,18 @@ async def test_a_trace_follows_an_event_from_one_service_to_the_next(
     assert consume_b.attributes["cloudevents.event_source"] == "urn:service:service-a"
 
 
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """configure_logging binds the current stdout: undo it after a test captured stdout."""
+    saved_structlog = structlog.get_config()
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
+    yield
+    structlog.configure(**saved_structlog)
+    root.handlers, root.level = saved_handlers, saved_level
+
+
+@pytest.mark.usefixtures("restore_logging")
 async def test_log_lines_inside_a_handler_carry_event_and_trace_fields(
     spans: InMemorySpanExporter, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -7,6 +7,8 @@ import signal
 import time
 from collections.abc import Callable
 
+from opentelemetry.trace import TracerProvider
+
 from .. import events
 from .brokers import Broker, open_broker
 from .config import Settings
@@ -34,6 +36,7 @@ def build_loop(
     state: StateStore | None = None,
     heartbeat: Heartbeat | None = None,
     clock: Callable[[], float] = time.time,
+    tracer_provider: TracerProvider | None = None,
 ) -> ConsumerLoop:
     return ConsumerLoop(
         router=router,
@@ -43,6 +46,7 @@ def build_loop(
         settings=settings,
         heartbeat=heartbeat,
         clock=clock,
+        tracer_provider=tracer_provider,
     )
 
 

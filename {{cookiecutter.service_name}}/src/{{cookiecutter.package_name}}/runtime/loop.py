@@ -92,6 +92,7 @@ class ConsumerLoop:
         settings: Settings,
         heartbeat: Heartbeat | None = None,
         clock: Callable[[], float] = time.time,
+        tracer_provider: trace.TracerProvider | None = None,
     ) -> None:
         self.router = router
         self.broker = broker
@@ -102,7 +103,7 @@ class ConsumerLoop:
         self.clock = clock
         self.stats = LoopStats()
         self.log = get_logger(service=settings.consumer_group)
-        self.tracer = telemetry.tracer()
+        self.tracer = telemetry.tracer(tracer_provider)
         self.metrics = telemetry.LoopMetrics()
         self._messaging_system = _messaging_system(settings.broker_url)
         self._windows: dict[str, DedupeWindow] = {}
@@ -259,13 +260,18 @@ class ConsumerLoop:
             f"process {message.topic}",
             context=telemetry.extract(message.headers),
             kind=SpanKind.CONSUMER,
-            attributes=self._span_attributes(message, envelope),
         ) as span:
+            recording = span.is_recording()  # False when tracing is off or not sampled
+            if recording:
+                span.set_attributes(self._span_attributes(message, envelope))
             outcome = await self._handle_in_span(item, span)
             if isinstance(outcome, DeadLetterRecord):
                 span.set_status(Status(StatusCode.ERROR, outcome.reason))
-            else:
+            elif recording:
                 self._trace_emits(envelope, outcome)
+            else:
+                for event in outcome:  # pass the (unsampled) trace on, without more spans
+                    telemetry.inject(event.headers)
             return outcome
 
     async def _handle_in_span(

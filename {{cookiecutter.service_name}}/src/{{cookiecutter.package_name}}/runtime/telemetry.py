@@ -127,8 +127,9 @@ def inject(headers: MutableMapping[str, str]) -> None:
     propagate.inject(headers)
 
 
-def tracer() -> trace.Tracer:
-    return trace.get_tracer(INSTRUMENTATION)
+def tracer(provider: trace.TracerProvider | None = None) -> trace.Tracer:
+    """The runtime's tracer: from `provider`, else the global one (no-op until configured)."""
+    return trace.get_tracer(INSTRUMENTATION, tracer_provider=provider)
 
 
 class LoopMetrics:
