@@ -29,7 +29,9 @@ from {{ cookiecutter.package_name }}.runtime.brokers import (
 from {{ cookiecutter.package_name }}.runtime.brokers.memory import MemoryBroker, MemoryBus
 from {{ cookiecutter.package_name }}.runtime.config import ENV_PREFIX, PACKAGE_NAME, Settings
 
-from ..runtime.conftest import FAST
+from ..runtime.conftest import FAST, spans
+
+__all__ = ["spans"]  # the span-exporter fixture, shared with the runtime tests
 
 # Which real broker this service has: its support module survives baking.
 SUPPORT_MODULES = {"kafka": "kafka_support", "rabbitmq": "rabbitmq_support"}

@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence
 
 from google.protobuf.wrappers_pb2 import Int64Value, StringValue
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from {{ cookiecutter.package_name }}.runtime import Context, Router
 from {{ cookiecutter.package_name }}.runtime.app import build_loop
@@ -27,7 +28,7 @@ from {{ cookiecutter.package_name }}.runtime.envelope import (
 from {{ cookiecutter.package_name }}.runtime.loop import ConsumerLoop
 from {{ cookiecutter.package_name }}.runtime.state.memory import MemoryStateStore
 
-from ..runtime.conftest import RunningLoop
+from ..runtime.conftest import RunningLoop, one_span
 from .conftest import Backend, fetch_at_least, fetch_for, wait_until
 
 CODEC = CloudEventsProtobufCodec(TypeRegistry([StringValue, Int64Value]))
@@ -288,3 +289,38 @@ async def test_two_replicas_share_the_work_and_handle_each_event_once(backend: B
     await second.stop_gracefully()
 
     assert len(handled) == len(set(handled)) == 300
+
+
+async def test_a_trace_crosses_the_bus_from_one_service_to_the_next(
+    backend: Backend, spans: InMemorySpanExporter
+) -> None:
+    service_a, service_b = Router(), Router()
+
+    @service_a.handles(StringValue)
+    async def react(payload: StringValue, ctx: Context) -> None:
+        ctx.emit(Int64Value(value=1))
+
+    @service_b.handles(Int64Value)
+    async def finish(payload: Int64Value, ctx: Context) -> None:
+        return None
+
+    base = backend.settings()
+    a_settings = base.model_copy(update={"consumer_group": base.consumer_group + "-a"})
+    b_settings = base.model_copy(update={"consumer_group": base.consumer_group + "-b"})
+    a = RunningLoop(loop_for(backend, a_settings, service_a, new_state()))
+    b = RunningLoop(loop_for(backend, b_settings, service_b, new_state()))
+    await a.wait_started()
+    await b.wait_started()
+    await publish(backend, base, [OutboundMessage(base.topic_for(STRING_TYPE), event("x"))])
+    await b.wait_until(lambda: b.loop.stats.handled >= 1, deadline_s=60)
+    await a.stop_gracefully()
+    await b.stop_gracefully()
+
+    finished = list(spans.get_finished_spans())
+    consume_a = one_span(finished, f"process {base.topic_for(STRING_TYPE)}")
+    produce_a = one_span(finished, f"send {base.topic_for(INT_TYPE)}")
+    consume_b = one_span(finished, f"process {base.topic_for(INT_TYPE)}")
+    assert consume_b.context.trace_id == produce_a.context.trace_id == consume_a.context.trace_id
+    assert consume_b.parent is not None and consume_b.parent.span_id == produce_a.context.span_id
+    assert consume_b.attributes is not None
+    assert consume_b.attributes["messaging.system"] == backend.name

@@ -11,8 +11,6 @@ import pytest
 import structlog
 from google.protobuf.wrappers_pb2 import Int64Value, StringValue
 from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
@@ -24,25 +22,7 @@ from {{ cookiecutter.package_name }}.runtime.state.memory import MemoryStateStor
 from {{ cookiecutter.package_name }}.runtime.telemetry import _exporter_names, inject
 from {{ cookiecutter.package_name }}.runtime.testing import ServiceHarness
 
-from .conftest import FAST, RunningLoop, fast_settings, make_loop, publish_to
-
-EXPORTER = InMemorySpanExporter()
-
-
-@pytest.fixture
-def spans() -> InMemorySpanExporter:
-    """An in-memory span exporter behind the process's tracer provider (set once)."""
-    if not isinstance(trace.get_tracer_provider(), TracerProvider):
-        provider = TracerProvider()
-        provider.add_span_processor(SimpleSpanProcessor(EXPORTER))
-        trace.set_tracer_provider(provider)
-    EXPORTER.clear()
-    return EXPORTER
-
-
-def one(spans: list[ReadableSpan], name: str) -> ReadableSpan:
-    [span] = [span for span in spans if span.name == name]
-    return span
+from .conftest import FAST, RunningLoop, fast_settings, make_loop, one_span, publish_to
 
 
 async def test_a_trace_follows_an_event_from_one_service_to_the_next(
@@ -75,10 +55,10 @@ async def test_a_trace_follows_an_event_from_one_service_to_the_next(
         await running.stop_gracefully()
 
     finished = list(spans.get_finished_spans())
-    client = one(finished, "client")
-    consume_a = one(finished, "process google.protobuf.StringValue")
-    produce_a = one(finished, "send google.protobuf.Int64Value")
-    consume_b = one(finished, "process google.protobuf.Int64Value")
+    client = one_span(finished, "client")
+    consume_a = one_span(finished, "process google.protobuf.StringValue")
+    produce_a = one_span(finished, "send google.protobuf.Int64Value")
+    consume_b = one_span(finished, "process google.protobuf.Int64Value")
     assert {s.context.trace_id for s in (client, consume_a, produce_a, consume_b)} == {
         client.context.trace_id
     }
