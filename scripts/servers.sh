@@ -75,6 +75,12 @@ start() {
         echo $! >"$state/etcd.pid"
     fi
     if ! port_open "$AMQP_PORT"; then
+        # A fresh database each start: test queues (quorum queues are Raft groups) must
+        # not pile up across runs in the system-wide one.
+        rm -rf "$state/rabbitmq-db"
+        mkdir -p "$state/rabbitmq-db"
+        chown rabbitmq: "$state/rabbitmq-db" 2>/dev/null || true
+        export RABBITMQ_MNESIA_BASE="$state/rabbitmq-db"
         export RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 RABBITMQ_NODE_PORT="$AMQP_PORT"
         export ERL_EPMD_ADDRESS=127.0.0.1
         rabbitmq-server -detached >"$state/rabbitmq.log" 2>&1
