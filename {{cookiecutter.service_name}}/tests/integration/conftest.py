@@ -27,7 +27,11 @@ from {{ cookiecutter.package_name }}.runtime.brokers import (
     open_broker,
 )
 from {{ cookiecutter.package_name }}.runtime.brokers.memory import MemoryBroker, MemoryBus
-from {{ cookiecutter.package_name }}.runtime.config import ENV_PREFIX, PACKAGE_NAME, Settings
+from {{ cookiecutter.package_name }}.runtime.config import (
+    ENV_PREFIX,
+    PACKAGE_NAME,
+    Settings,
+)
 
 from ..runtime.conftest import FAST, spans
 

@@ -9,7 +9,11 @@ from typing import Any
 from google.protobuf.wrappers_pb2 import Int64Value, StringValue
 
 from {{ cookiecutter.package_name }}.runtime import Context, DeadLetter, RetryLater, Router
-from {{ cookiecutter.package_name }}.runtime.brokers.base import DLQ_ORIGIN, DLQ_REASON, InboundMessage
+from {{ cookiecutter.package_name }}.runtime.brokers.base import (
+    DLQ_ORIGIN,
+    DLQ_REASON,
+    InboundMessage,
+)
 from {{ cookiecutter.package_name }}.runtime.brokers.memory import MemoryBroker, MemoryBus
 from {{ cookiecutter.package_name }}.runtime.envelope import derive_event_id
 from {{ cookiecutter.package_name }}.runtime.state.memory import MemoryStateStore
