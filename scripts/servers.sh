@@ -37,6 +37,7 @@ install_missing() {
     local packages=()
     command -v etcd >/dev/null || packages+=(etcd-server)
     command -v rabbitmq-server >/dev/null || packages+=(rabbitmq-server)
+    command -v openssl >/dev/null || packages+=(openssl)  # the TLS tests' throwaway CAs
     if [ "${#packages[@]}" -gt 0 ]; then
         echo "servers: installing ${packages[*]}" >&2
         apt-get update -qq
