@@ -4,14 +4,6 @@
 # stream with a duplicate, an unknown type, poison and an oversized message.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$root/scripts/bootstrap.sh"
-export UV_PYTHON_DOWNLOADS=never
-export PATH="$root/.venv/bin:$PATH"
-rm -rf "$root/build/demo"
-mkdir -p "$root/build/demo"
-cookiecutter --no-input -o "$root/build/demo" "$root" "$@"
-service_dir="$(find "$root/build/demo" -mindepth 1 -maxdepth 1 -type d)"
+service_dir="$(bash "$root/scripts/bake.sh" demo "$@")"
 cd "$service_dir"
-echo "baked $(basename "$service_dir") into ${service_dir#"$root"/}" >&2
-uv sync --quiet
-exec uv run "$(basename "$service_dir")" demo
+exec "$root/.venv/bin/uv" run "$(basename "$service_dir")" demo
