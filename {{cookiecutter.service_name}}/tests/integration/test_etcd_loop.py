@@ -169,12 +169,6 @@ async def test_an_etcd_outage_pauses_acks_and_resumes_without_loss(
     await service.state.close()
 
 
-class ExclusiveMemoryBroker(MemoryBroker):
-    """The memory bus behaving like a Kafka partition owner (fenced streams)."""
-
-    exclusive_streams = True
-
-
 async def test_a_fenced_instance_rejoins_and_never_acks_its_stale_batch(
     etcd: PrivateEtcd, group: str
 ) -> None:
@@ -190,7 +184,7 @@ async def test_a_fenced_instance_rejoins_and_never_acks_its_stale_batch(
 
     service = harness(etcd, router, group)
     await service.publish(StringValue(value="x"))
-    broker = ExclusiveMemoryBroker(service.bus, group)
+    broker = MemoryBroker(service.bus, group, exclusive=True)  # like a Kafka partition
     loop = build_loop(service.settings, router, broker=broker, state=service.state)
     running = RunningLoop(loop)
     await asyncio.wait_for(in_handler.wait(), 30)  # this instance owns the stream now

@@ -19,6 +19,7 @@ from {{ cookiecutter.package_name }}.runtime.state import (
     StateStore,
     open_state_store,
 )
+from {{ cookiecutter.package_name }}.runtime.state.base import Conflict, KeyState
 
 StoreFactory = Callable[..., StateStore]
 
@@ -118,3 +119,61 @@ async def test_old_records_expire(new_store: StoreFactory) -> None:
     await store.commit("s", [("old", time.time())], None)
     await asyncio.sleep(1.5)
     assert (await store.load("s")).records == []
+
+
+async def test_progress_and_key_state_are_committed_with_the_ids(new_store: StoreFactory) -> None:
+    writer, reader = new_store(), new_store()
+    await writer.open()
+    token = await writer.take_over("p")
+    state = KeyState(b'{"n":1}', ("a",))
+    await writer.commit("p", [("a", time.time())], token, progress=7, states={"k": state})
+    await reader.open()
+    loaded = await reader.load("p")
+    assert (ids(loaded.records), loaded.progress) == (["a"], 7)
+    found = await reader.load_states("p", ["k", "missing"])
+    assert (found["k"].value, found["k"].applied) == (b'{"n":1}', ("a",))
+    assert found["missing"] == KeyState()
+    assert (await reader.load("never-written")).progress is None
+
+    emptied = {"k": KeyState(None, ("b",), found["k"].version)}
+    await writer.commit("p", [("b", time.time())], token, progress=8, states=emptied)
+    found = await reader.load_states("p", ["k"])
+    assert (found["k"].value, found["k"].applied) == (None, ("b",))
+
+
+async def test_a_stale_key_state_is_not_overwritten(new_store: StoreFactory) -> None:
+    first, second = new_store(), new_store()
+    await first.open()
+    await second.open()
+    read_by_first = (await first.load_states("q", ["k"]))["k"]
+    read_by_second = (await second.load_states("q", ["k"]))["k"]
+    await second.commit(
+        "q",
+        [("b", time.time())],
+        None,
+        states={"k": KeyState(b"2", ("b",), read_by_second.version)},
+    )
+    with pytest.raises(Conflict):
+        await first.commit(
+            "q",
+            [("a", time.time())],
+            None,
+            states={"k": KeyState(b"1", ("a",), read_by_first.version)},
+        )
+    assert (await first.load_states("q", ["k"]))["k"].value == b"2"
+
+
+async def test_a_large_commit_is_written_whole(new_store: StoreFactory) -> None:
+    """Beyond etcd's per-transaction limits (128 operations, 1.5 MiB): the store splits it."""
+    store = new_store(max_ids=100_000)
+    await store.open()
+    token = await store.take_over("big")
+    now = time.time()
+    processed = [(f"{uuid.uuid4()}-{n}", now) for n in range(30_000)]  # ~1.4 MB of ids
+    blob = b'"' + b"x" * 20_000 + b'"'
+    states = {f"key-{n}": KeyState(blob, (processed[n][0],)) for n in range(300)}  # ~6 MB
+    await store.commit("big", processed, token, progress=30_000, states=states)
+    loaded = await store.load("big")
+    assert (len(loaded.records), loaded.progress) == (30_000, 30_000)
+    found = await store.load_states("big", list(states))
+    assert all(found[key].value == blob for key in states)

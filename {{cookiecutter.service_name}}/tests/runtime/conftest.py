@@ -16,6 +16,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from {{ cookiecutter.package_name }}.runtime.app import build_loop
+from {{ cookiecutter.package_name }}.runtime.brokers.base import InboundMessage
 from {{ cookiecutter.package_name }}.runtime.brokers.memory import MemoryBroker, MemoryBus
 from {{ cookiecutter.package_name }}.runtime.config import ENV_PREFIX, Settings
 from {{ cookiecutter.package_name }}.runtime.loop import ConsumerLoop, LoopStats
@@ -54,6 +55,27 @@ class JournalingBroker(MemoryBroker):
 
     async def ack(self, messages: Any) -> None:
         self.journal.entries.append(f"ack:{len(messages)}")
+        await super().ack(messages)
+
+
+class GatedBroker(MemoryBroker):
+    """Fetches only while its gate is open; its acks can be made to hang (a crash point)."""
+
+    def __init__(self, bus: MemoryBus, group: str, *, exclusive: bool = False) -> None:
+        super().__init__(bus, group, exclusive=exclusive)
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.hang_acks = False
+
+    async def fetch(self, max_messages: int, max_wait_s: float) -> list[InboundMessage]:
+        if not self.gate.is_set():
+            await asyncio.sleep(max_wait_s)
+            return []
+        return await super().fetch(max_messages, max_wait_s)
+
+    async def ack(self, messages: Any) -> None:
+        if self.hang_acks:
+            await asyncio.Event().wait()  # killed here: handled and recorded, never acked
         await super().ack(messages)
 
 

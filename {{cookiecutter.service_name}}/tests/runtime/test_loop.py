@@ -12,15 +12,15 @@ from {{ cookiecutter.package_name }}.runtime import Context, DeadLetter, RetryLa
 from {{ cookiecutter.package_name }}.runtime.brokers.base import (
     DLQ_ORIGIN,
     DLQ_REASON,
-    InboundMessage,
 )
-from {{ cookiecutter.package_name }}.runtime.brokers.memory import MemoryBroker, MemoryBus
+from {{ cookiecutter.package_name }}.runtime.brokers.memory import MemoryBus
 from {{ cookiecutter.package_name }}.runtime.envelope import derive_event_id
 from {{ cookiecutter.package_name }}.runtime.state.memory import MemoryStateStore
 from {{ cookiecutter.package_name }}.runtime.testing import ServiceHarness
 
 from .conftest import (
     FAST,
+    GatedBroker,
     Journal,
     JournalingBroker,
     RunningLoop,
@@ -60,8 +60,8 @@ async def test_ack_comes_after_publish_and_checkpoint() -> None:
     settings = fast_settings()
 
     class JournalingStore(MemoryStateStore):
-        async def commit(self, stream: str, processed: Any, fence: int | None) -> None:
-            await super().commit(stream, processed, fence)
+        async def commit(self, stream: str, processed: Any, fence: int | None, **more: Any) -> None:
+            await super().commit(stream, processed, fence, **more)
             journal.entries.append("checkpoint")
 
     router = echo_router(handled)
@@ -321,27 +321,6 @@ async def test_drain_deadline_leaves_unfinished_work_for_redelivery() -> None:
     assert stats.acked == 0
     assert bus.pending(settings.consumer_group) == 1
     assert bus.queue(settings.consumer_group).ready[0].redelivered
-
-
-class GatedBroker(MemoryBroker):
-    """Fetches only while its gate is open; its acks can be made to hang (a crash point)."""
-
-    def __init__(self, bus: MemoryBus, group: str) -> None:
-        super().__init__(bus, group)
-        self.gate = asyncio.Event()
-        self.gate.set()
-        self.hang_acks = False
-
-    async def fetch(self, max_messages: int, max_wait_s: float) -> list[InboundMessage]:
-        if not self.gate.is_set():
-            await asyncio.sleep(max_wait_s)
-            return []
-        return await super().fetch(max_messages, max_wait_s)
-
-    async def ack(self, messages: Any) -> None:
-        if self.hang_acks:
-            await asyncio.Event().wait()  # killed here: handled and recorded, never acked
-        await super().ack(messages)
 
 
 async def test_a_redelivery_to_another_replica_is_recognised() -> None:

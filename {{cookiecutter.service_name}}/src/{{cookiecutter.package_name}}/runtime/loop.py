@@ -1,19 +1,21 @@
 """The consume loop: fetch a batch, react, make the reaction durable, then ack (group commit).
 
-Per batch: decode -> dedupe -> handle (keys concurrently, each key in order, transient
-errors retried with backoff + jitter) -> publish emitted events and dead letters and
-wait for the bus to confirm -> record handled ids in the state store -> ack. A crash at
-any point before the ack redelivers the batch; dedupe and deterministic emitted ids make
-the re-run harmless.
+Per batch: decode -> dedupe -> load per-key state for stateful handlers -> handle (keys
+concurrently, each key in order, transient errors retried with backoff + jitter) ->
+publish emitted events and dead letters and wait for the bus to confirm -> record handled
+ids, progress and changed key state in the state store -> ack. A crash at any point
+before the ack redelivers the batch; dedupe and deterministic emitted ids make the re-run
+harmless.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
-from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections import Counter, OrderedDict, defaultdict
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
@@ -45,9 +47,11 @@ from .errors import DeadLetter, UndecodableEvent
 from .health import Heartbeat
 from .logs import get_logger
 from .router import Context, Emitted, HandlerSpec, Router
-from .state.base import Fenced, StateStore, StateUnavailable
+from .state.base import Fenced, KeyState, StateStore, StateUnavailable
 
 CONTENT_TYPE_HEADER = "content-type"
+MAX_STATE_BYTES = 64 * 1024  # per key: state travels in every checkpoint that changes it
+STATE_CACHE_KEYS = 10_000  # per exclusive stream; older keys are read again when needed
 T = TypeVar("T")
 
 
@@ -73,12 +77,48 @@ class _Work:
 
 
 @dataclass(slots=True)
+class _KeySlot:
+    """One key's handler state while a batch handles that key's events in order."""
+
+    stored: KeyState
+    value: bytes | None = None
+    applied: list[str] = field(default_factory=list)
+    changed: bool = False
+
+    def __post_init__(self) -> None:
+        self.value = self.stored.value
+
+    def begin(self) -> dict[str, Any]:
+        """A fresh copy for one attempt: a failed attempt leaves no trace."""
+        return dict(json.loads(self.value)) if self.value is not None else {}
+
+    def finish(self, event_id: str, state: dict[str, Any]) -> str | None:
+        """Keep what a successful handler left in ctx.state; an error text if unusable."""
+        try:
+            encoded = json.dumps(state, separators=(",", ":"), sort_keys=True, allow_nan=False)
+        except (TypeError, ValueError) as error:
+            return f"ctx.state must hold JSON values: {error}"
+        if len(encoded) > MAX_STATE_BYTES:
+            return f"ctx.state is {len(encoded)} bytes encoded; the limit is {MAX_STATE_BYTES}"
+        value = None if encoded == "{}" else encoded.encode()
+        self.applied.append(event_id)
+        if value != self.value:
+            self.value, self.changed = value, True
+        return None
+
+    def to_store(self) -> KeyState:
+        return KeyState(self.value, tuple(self.applied), self.stored.version)
+
+
+@dataclass(slots=True)
 class _Batch:
     """What one batch produced, gathered before anything is made durable."""
 
     outbound: list[OutboundMessage] = field(default_factory=list)
     dead: list[DeadLetterRecord] = field(default_factory=list)
     processed: dict[str, list[tuple[str, float]]] = field(default_factory=lambda: defaultdict(list))
+    states: dict[str, dict[str, KeyState]] = field(default_factory=lambda: defaultdict(dict))
+    progress: dict[str, int] = field(default_factory=dict)
 
 
 class ConsumerLoop:
@@ -109,6 +149,8 @@ class ConsumerLoop:
         self._windows: dict[str, DedupeWindow] = {}
         self._fences: dict[str, int | None] = {}
         self._cursors: dict[str, int] = {}
+        self._progress: dict[str, int] = {}  # exclusive streams: next position not yet durable
+        self._state_cache: dict[str, OrderedDict[str, KeyState]] = {}  # exclusive streams
         self._semaphore = asyncio.Semaphore(settings.max_concurrency)
         # Set once the broker is connected and subscribed (tests and demos wait for it).
         self.started = asyncio.Event()
@@ -184,10 +226,17 @@ class ConsumerLoop:
         await self._refresh({message.stream for message in batch if message.redelivered})
         result = _Batch()
         work = self._sort(batch, result)
-        outcomes = await asyncio.gather(*(self._handle_in_order(items) for items in work.values()))
+        slots = await self._load_key_states(work)
+        outcomes = await asyncio.gather(
+            *(self._handle_in_order(items, slots.get(group)) for group, items in work.items())
+        )
         for items, handled in zip(work.values(), outcomes, strict=True):
             for item, outcome in zip(items, handled, strict=True):
-                self._collect(item, outcome, result)
+                if outcome is not None:
+                    self._collect(item, outcome, result)
+        for (stream, key), slot in slots.items():
+            if slot.changed:
+                result.states[stream][key] = slot.to_store()
         result.outbound.extend(
             dead_letter_message(
                 record,
@@ -198,15 +247,18 @@ class ConsumerLoop:
         )
         if result.outbound:
             await self._until_done("publish", lambda: self.broker.publish(result.outbound))
-        if result.processed:
+        if result.processed or result.states or result.progress:
             started = time.perf_counter()
-            await self._until_done("checkpoint", lambda: self._commit(result.processed))
+            await self._until_done("checkpoint", lambda: self._commit(result))
             self.metrics.checkpoint_duration.record(time.perf_counter() - started)
         await self._until_done("ack", lambda: self.broker.ack(batch))
         self.stats.acked += len(batch)
         now_s = self.clock()
         for stream, records in result.processed.items():
             self._windows[stream].add(records, now_s)
+        self._progress.update(result.progress)
+        for stream, states in result.states.items():
+            self._remember_states(stream, states)
         for record in result.dead:
             self.stats.dead_lettered[record.reason] += 1
             self.metrics.dead_lettered.add(1, {"reason": record.reason})
@@ -226,6 +278,15 @@ class ConsumerLoop:
         seen: set[tuple[str, str]] = set()
         recorded_at = self.clock()
         for message in batch:
+            if message.stream in self._progress:  # exclusive: progress is checkpointed
+                done = self._progress[message.stream]
+                result.progress[message.stream] = max(
+                    result.progress.get(message.stream, done), message.position + 1
+                )
+                if message.position < done:  # handled and checkpointed before a crash
+                    self.stats.duplicates += 1
+                    self.metrics.duplicates.add(1)
+                    continue
             if len(message.body) > self.settings.max_message_bytes:
                 size = f"{len(message.body)} bytes > {self.settings.max_message_bytes}"
                 result.dead.append(DeadLetterRecord(message, "oversized", size))
@@ -250,11 +311,60 @@ class ConsumerLoop:
             work[(message.stream, key)].append(_Work(message, envelope, spec))
         return work
 
-    async def _handle_in_order(self, items: list[_Work]) -> list[list[Emitted] | DeadLetterRecord]:
-        async with self._semaphore:
-            return [await self._handle(item) for item in items]
+    async def _load_key_states(
+        self, work: dict[tuple[str, str], list[_Work]]
+    ) -> dict[tuple[str, str], _KeySlot]:
+        """State of every key a stateful handler will see: one read per stream, and none
+        for keys an exclusive stream's owner already holds."""
+        wanted: dict[str, list[str]] = defaultdict(list)
+        for (stream, key), items in work.items():
+            if any(item.spec.stateful for item in items):
+                wanted[stream].append(key)
 
-    async def _handle(self, item: _Work) -> list[Emitted] | DeadLetterRecord:
+        async def read(stream: str, keys: list[str]) -> dict[str, KeyState]:
+            cache: Mapping[str, KeyState] = self._state_cache.get(stream, {})
+            missing = [key for key in keys if key not in cache]
+            found = {key: cache[key] for key in keys if key in cache}
+            if missing:
+                load = partial(self.state.load_states, stream, missing)
+                found.update(await self._until_done("state read", load))
+            return found
+
+        streams = list(wanted)
+        loaded = await asyncio.gather(*(read(stream, wanted[stream]) for stream in streams))
+        return {
+            (stream, key): _KeySlot(state)
+            for stream, states in zip(streams, loaded, strict=True)
+            for key, state in states.items()
+        }
+
+    def _remember_states(self, stream: str, states: dict[str, KeyState]) -> None:
+        cache = self._state_cache.get(stream)
+        if cache is None:
+            return  # shared stream: other replicas write it too, so it is read every batch
+        for key, state in states.items():
+            cache[key] = state
+            cache.move_to_end(key)
+        while len(cache) > STATE_CACHE_KEYS:
+            cache.popitem(last=False)
+
+    async def _handle_in_order(
+        self, items: list[_Work], slot: _KeySlot | None
+    ) -> list[list[Emitted] | DeadLetterRecord | None]:
+        """One key's events in order; None for an event its stored state already applied
+        (its checkpoint was cut short by a crash after the state was written)."""
+        async with self._semaphore:
+            outcomes: list[list[Emitted] | DeadLetterRecord | None] = []
+            for item in items:
+                if slot is not None and item.envelope.id in slot.stored.applied:
+                    self.stats.duplicates += 1
+                    self.metrics.duplicates.add(1)
+                    outcomes.append(None)
+                    continue
+                outcomes.append(await self._handle(item, slot))
+            return outcomes
+
+    async def _handle(self, item: _Work, slot: _KeySlot | None) -> list[Emitted] | DeadLetterRecord:
         envelope, message = item.envelope, item.message
         with self.tracer.start_as_current_span(
             f"process {message.topic}",
@@ -264,7 +374,7 @@ class ConsumerLoop:
             recording = span.is_recording()  # False when tracing is off or not sampled
             if recording:
                 span.set_attributes(self._span_attributes(message, envelope))
-            outcome = await self._handle_in_span(item, span)
+            outcome = await self._handle_in_span(item, span, slot)
             if isinstance(outcome, DeadLetterRecord):
                 span.set_status(Status(StatusCode.ERROR, outcome.reason))
             elif recording:
@@ -275,7 +385,7 @@ class ConsumerLoop:
             return outcome
 
     async def _handle_in_span(
-        self, item: _Work, span: trace.Span
+        self, item: _Work, span: trace.Span, slot: _KeySlot | None
     ) -> list[Emitted] | DeadLetterRecord:
         envelope, message = item.envelope, item.message
         log = self.log.bind(
@@ -302,11 +412,13 @@ class ConsumerLoop:
             before_sleep=lambda state: self._on_retry(state, log),
             reraise=True,
         )
+        state: dict[str, Any] | None = None
         try:
             async for attempt in retrying:
                 with attempt:
                     number = attempt.retry_state.attempt_number
-                    context = Context(envelope, number, log.bind(attempt=number), span)
+                    state = slot.begin() if slot is not None and item.spec.stateful else None
+                    context = Context(envelope, number, log.bind(attempt=number), span, state)
                     started = time.perf_counter()
                     try:
                         await item.spec.handler(envelope.payload, context)
@@ -321,6 +433,10 @@ class ConsumerLoop:
             attempts = self.settings.retry_attempts
             detail = f"{type(error).__name__}: {error} (after {attempts} attempts)"
             return DeadLetterRecord(message, "handler-failed", detail)
+        if slot is not None and state is not None:
+            unusable = slot.finish(envelope.id, state)
+            if unusable is not None:
+                return DeadLetterRecord(message, "handler-failed", unusable)
         return context.emitted
 
     def _span_attributes(self, message: InboundMessage, envelope: Envelope) -> dict[str, Any]:
@@ -418,10 +534,14 @@ class ConsumerLoop:
             window.add(loaded.records, self.clock())
             self._windows[stream], self._fences[stream] = window, fence
             self._cursors[stream] = loaded.cursor
+            if fence is not None:
+                self._state_cache[stream] = OrderedDict()
+                self._progress[stream] = loaded.progress or 0
             self.log.info(
                 "restored",
                 stream=stream,
                 ids=len(window),
+                progress=loaded.progress,
                 seconds=round(time.perf_counter() - started, 4),
             )
 
@@ -442,20 +562,30 @@ class ConsumerLoop:
             self._windows.pop(stream, None)
             self._fences.pop(stream, None)
             self._cursors.pop(stream, None)
+            self._progress.pop(stream, None)
+            self._state_cache.pop(stream, None)
 
     async def _rejoin(self, fenced: Fenced, topics: list[str]) -> None:
         """A newer owner took a stream over: drop everything unacked and join again."""
-        self.log.error("fenced; rejoining without acking", stream=fenced.stream)
+        self.log.error("fenced; rejoining without acking", stream=fenced.stream, why=str(fenced))
         self.stats.fenced += 1
         await self.broker.close()
         self._forget_streams(set(self._windows))
         await self._until_done("connect", partial(self.broker.start, topics))
 
-    async def _commit(self, processed: dict[str, list[tuple[str, float]]]) -> None:
+    async def _commit(self, result: _Batch) -> None:
+        """One store write per stream: ids, progress and changed key state together."""
+        streams = result.processed.keys() | result.states.keys() | result.progress.keys()
         await asyncio.gather(
             *(
-                self.state.commit(stream, records, self._fences[stream])
-                for stream, records in processed.items()
+                self.state.commit(
+                    stream,
+                    result.processed.get(stream, []),
+                    self._fences[stream],
+                    progress=result.progress.get(stream),
+                    states=result.states.get(stream),
+                )
+                for stream in streams
             )
         )
 

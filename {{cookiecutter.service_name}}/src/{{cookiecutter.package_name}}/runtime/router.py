@@ -33,6 +33,7 @@ class HandlerSpec:
     event_type: str
     message_type: type[Message]
     handler: Handler[Any]
+    stateful: bool = False
 
     @property
     def name(self) -> str:
@@ -40,8 +41,8 @@ class HandlerSpec:
 
 
 class Context:
-    """Per-event helpers: metadata, a bound logger, the current span, emit, and the
-    steering exceptions."""
+    """Per-event helpers: metadata, a bound logger, the current span, emit, per-key state,
+    and the steering exceptions."""
 
     RetryLater = RetryLater
     DeadLetter = DeadLetter
@@ -52,12 +53,29 @@ class Context:
         attempt: int,
         log: structlog.typing.FilteringBoundLogger,
         span: trace.Span | None = None,
+        state: dict[str, Any] | None = None,
     ):
         self.envelope = envelope
         self.attempt = attempt
         self.log = log
         self.span = span if span is not None else trace.INVALID_SPAN  # the consumer span
         self._emitted: list[Emitted] = []
+        self._state = state
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """State of this event's key (its subject, else the broker key), JSON values.
+
+        Changes are committed in the same store write as the event's checkpoint, and only
+        if the handler succeeds; each retry starts from the state before this event.
+        Needs ``@router.handles(EventType, stateful=True)``.
+        """
+        if self._state is None:
+            raise RuntimeError(
+                f"ctx.state: register the handler of {self.envelope.type} with "
+                "@router.handles(..., stateful=True)"
+            )
+        return self._state
 
     @property
     def event_id(self) -> str:
@@ -84,14 +102,18 @@ class Router:
     def __init__(self) -> None:
         self._specs: dict[str, HandlerSpec] = {}
 
-    def handles(self, message_type: type[M]) -> Callable[[Handler[M]], Handler[M]]:
+    def handles(
+        self, message_type: type[M], *, stateful: bool = False
+    ) -> Callable[[Handler[M]], Handler[M]]:
+        """Register a handler; `stateful=True` gives it `ctx.state` (loaded per key before
+        the handler runs, so only handlers that use it pay for the read)."""
         event_type = event_type_of(message_type)
 
         def register(handler: Handler[M]) -> Handler[M]:
             if event_type in self._specs:
                 existing = self._specs[event_type].name
                 raise ValueError(f"{event_type} already handled by {existing}")
-            self._specs[event_type] = HandlerSpec(event_type, message_type, handler)
+            self._specs[event_type] = HandlerSpec(event_type, message_type, handler, stateful)
             return handler
 
         return register

@@ -9,6 +9,7 @@ async def test_reserves_stock(service: ServiceHarness) -> None:
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -123,6 +124,13 @@ class ServiceHarness:
             stop.set()
             self.stats = await task
         return self.stats
+
+    async def state_of(self, key: str) -> dict[str, Any]:
+        """What stateful handlers stored in `ctx.state` for `key` (committed state only)."""
+        await self.state.open()
+        stored = await self.state.load_states(self.group, [key])
+        value = stored[key].value
+        return dict(json.loads(value)) if value is not None else {}
 
     def emitted(self, message_type: type[Message] | None = None) -> list[Envelope]:
         """Envelopes the service published (not dead letters), optionally of one type."""

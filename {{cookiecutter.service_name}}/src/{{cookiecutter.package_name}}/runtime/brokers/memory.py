@@ -87,9 +87,12 @@ def bus_for_url(url: str) -> MemoryBus:
 
 
 class MemoryBroker(Broker):
-    def __init__(self, bus: MemoryBus, group: str) -> None:
+    def __init__(self, bus: MemoryBus, group: str, *, exclusive: bool = False) -> None:
+        """`exclusive=True` makes the group's queue behave like a Kafka partition with one
+        owner (positions only grow, progress is checkpointed): for tests of that path."""
         self.bus = bus
         self.group = group
+        self.exclusive_streams = exclusive
         self._delivered: dict[int, InboundMessage] = {}
 
     async def start(self, topics: Sequence[str]) -> None:

@@ -6,12 +6,19 @@ kinds of stream exist:
   fences out earlier owners: their commits fail with `Fenced` from then on.
 - shared (a RabbitMQ queue with competing replicas): no owner, no fencing; replicas see
   each other's records through `load(stream, after=cursor)`.
+
+Besides the ids, a commit carries the stream's progress (the next Kafka offset) and the
+handlers' per-key state (`ctx.state`), so restart resumes exactly where the last durable
+batch ended. Each key's stored state names the events that produced it (`applied`): when
+a store must split a large commit, a crash between the parts cannot make a redelivered
+event apply twice to a key's state.
 """
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -27,12 +34,49 @@ class Fenced(Exception):
         self.stream = stream
 
 
+class Conflict(Fenced):
+    """A shared stream's key state changed under this replica (another one wrote it)."""
+
+    def __init__(self, stream: str, key: str) -> None:
+        Exception.__init__(self, f"state of key {key!r} in {stream} changed under this replica")
+        self.stream = stream
+        self.key = key
+
+
 @dataclass(frozen=True, slots=True)
 class Loaded:
-    """Records of a stream (oldest first) and the cursor to continue from later."""
+    """Records of a stream (oldest first), the cursor to continue from later, and the
+    stream's checkpointed progress (next position to consume; None if never written)."""
 
     records: list[tuple[str, float]]
     cursor: int
+    progress: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyState:
+    """One key's handler state as stored.
+
+    `value` is JSON (None: no state), `applied` the ids of the events whose handling
+    produced it, `version` what the store compares on commit for shared streams (0: the
+    key had no stored state when read).
+    """
+
+    value: bytes | None = None
+    applied: tuple[str, ...] = ()
+    version: int = 0
+
+    def encode(self) -> bytes:
+        """The stored form: {"v": <value or null>, "a": [applied ids]}."""
+        value = b"null" if self.value is None else self.value
+        return b'{"v":' + value + b',"a":' + json.dumps(list(self.applied)).encode() + b"}"
+
+    @classmethod
+    def decode(cls, stored: bytes, version: int) -> KeyState:
+        data = json.loads(stored)
+        value = data.get("v")
+        encoded = None if value is None else json.dumps(value, separators=(",", ":")).encode()
+        return cls(encoded, tuple(data.get("a", ())), version)
 
 
 class StateStore(ABC):
@@ -49,12 +93,25 @@ class StateStore(ABC):
         that cursor (what other replicas recorded since)."""
 
     @abstractmethod
-    async def commit(
-        self, stream: str, processed: Sequence[tuple[str, float]], fence: int | None
-    ) -> None:
-        """Durably record ids handled since the last commit, in one write.
+    async def load_states(self, stream: str, keys: Sequence[str]) -> dict[str, KeyState]:
+        """The stored handler state of each key (an empty KeyState if none), in one read."""
 
-        `fence` is the token from `take_over` (exclusive streams) or None (shared ones).
+    @abstractmethod
+    async def commit(
+        self,
+        stream: str,
+        processed: Sequence[tuple[str, float]],
+        fence: int | None,
+        *,
+        progress: int | None = None,
+        states: Mapping[str, KeyState] | None = None,
+    ) -> None:
+        """Durably record what a batch did to `stream`, in one write where the store's
+        limits allow: ids handled since the last commit, the progress (next position to
+        consume, exclusive streams) and each changed key's new state.
+
+        `fence` is the token from `take_over` (exclusive streams) or None (shared ones; then
+        each state's `version` must still match the stored one, or Conflict is raised).
         Raises StateUnavailable (retry later) or Fenced (stop writing this stream).
         """
 

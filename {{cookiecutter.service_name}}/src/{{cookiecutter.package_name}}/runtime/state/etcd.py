@@ -4,9 +4,15 @@ Layout under `<ETCD_KEY_PREFIX>/<CONSUMER_GROUP>/<stream>/`:
   fence              the current owner of an exclusive stream; its mod revision is the token
   ids/<ns>-<writer>  one key per committed batch: JSON [recorded_at, [event ids...]],
                      attached to a lease, so ids leave etcd by themselves after the TTL
+  progress           the next position to consume (Kafka offset), as decimal text
+  state/<key>        a key's handler state: JSON {"v": value, "a": [applied event ids]};
+                     an emptied state stays on a lease until its applied ids expire
 
-One transaction per stream per batch (chunked only when a batch exceeds ~1 MiB, under
-etcd's 1.5 MiB request limit), comparing the fence revision for exclusive streams.
+One transaction per stream per batch, comparing the fence revision (exclusive streams) or
+the read revisions of the changed state keys (shared streams). A batch beyond etcd's
+limits (1.5 MiB per request, 128 operations per transaction) is split: state keys first,
+then ids, then progress last; each state key names the events that produced it, so a
+crash between the parts cannot apply a redelivered event twice.
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ import json
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -34,12 +41,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from ..config import ENV_PREFIX, Settings, load_model
 from ..errors import ConfigError
 from ..logs import get_logger
-from .base import Fenced, Loaded, StateStore, StateUnavailable
+from .base import Conflict, Fenced, KeyState, Loaded, StateStore, StateUnavailable
 
 log = get_logger(component="etcd")
 CHUNK_BYTES = 1_000_000  # etcd refuses requests over 1.5 MiB by default
-MAX_DELETES_PER_TXN = 100
-MAX_RESPONSE_BYTES = 512 * 1024 * 1024  # etcd allows 128 operations per transaction by default
+# etcd allows 128 operations per transaction by default (compares and puts counted apart).
+MAX_PUTS_PER_TXN = 64
+MAX_DELETES_PER_TXN = 60
+MAX_RESPONSE_BYTES = 512 * 1024 * 1024
 # Refresh reads keys written up to this long before the cursor: writers' clocks differ.
 CLOCK_SKEW_NS = 30_000_000_000
 
@@ -147,39 +156,101 @@ class EtcdStateStore(StateStore):
                 batches[item.key] = len(ids)
                 if recorded_at >= oldest_allowed:
                     records += [(event_id, float(recorded_at)) for event_id in ids]
-            return Loaded(records, time.time_ns())
+            progress = None if after else await client.get(self._key(stream, "progress"))
+            return Loaded(records, time.time_ns(), int(progress.value) if progress else None)
 
         loaded: Loaded = await self._call(read)
         return loaded
 
+    async def load_states(self, stream: str, keys: Sequence[str]) -> dict[str, KeyState]:
+        async def read() -> dict[str, KeyState]:
+            client = await self._connected()
+            found = {key: KeyState() for key in keys}
+            for start in range(0, len(keys), MAX_PUTS_PER_TXN):
+                chunk = keys[start : start + MAX_PUTS_PER_TXN]
+                gets = [client.transactions.get(self._state_key(stream, key)) for key in chunk]
+                _, responses = await client.transaction(compare=[], success=gets, failure=[])
+                for key, response in zip(chunk, responses, strict=True):
+                    for value, meta in response:
+                        found[key] = KeyState.decode(value, int(meta.mod_revision))
+            return found
+
+        states: dict[str, KeyState] = await self._call(read)
+        return states
+
+    def _state_key(self, stream: str, key: str) -> bytes:
+        return self._key(stream, "state/") + key.encode()
+
     async def commit(
-        self, stream: str, processed: Sequence[tuple[str, float]], fence: int | None
+        self,
+        stream: str,
+        processed: Sequence[tuple[str, float]],
+        fence: int | None,
+        *,
+        progress: int | None = None,
+        states: Mapping[str, KeyState] | None = None,
     ) -> None:
-        if not processed:
+        writes: list[_Put] = [
+            _Put(self._state_key(stream, key), new.encode(), new.value is None, key, new.version)
+            for key, new in (states or {}).items()
+        ]
+        counts: dict[bytes, int] = {}
+        if processed:
+            recorded_at = max(at for _, at in processed)
+            for number, chunk in enumerate(_chunks([event_id for event_id, _ in processed])):
+                key = self._key(stream, f"ids/{time.time_ns():020d}-{self.writer}-{number}")
+                value = json.dumps([recorded_at, chunk], separators=(",", ":")).encode()
+                writes.append(_Put(key, value, leased=True))
+                counts[key] = len(chunk)
+        if progress is not None:
+            writes.append(_Put(self._key(stream, "progress"), str(progress).encode()))
+        if not writes:
             return
-        recorded_at = max(at for _, at in processed)
-        for number, chunk in enumerate(_chunks([event_id for event_id, _ in processed])):
-            key = self._key(stream, f"ids/{time.time_ns():020d}-{self.writer}-{number}")
-            value = json.dumps([recorded_at, chunk], separators=(",", ":")).encode()
-            await self._call(self._write, stream, key, value, len(chunk), fence)
+        parts = _transactions(writes)
+        for number, part in enumerate(parts):
+            last = number == len(parts) - 1
+            await self._call(self._write, stream, part, counts, fence, last)
 
     async def _write(
-        self, stream: str, key: bytes, value: bytes, count: int, fence: int | None
+        self,
+        stream: str,
+        writes: list[_Put],
+        counts: dict[bytes, int],
+        fence: int | None,
+        last: bool,
     ) -> None:
+        """One transaction; the last part of a commit also deletes ids beyond the horizon."""
         client = await self._connected()
-        lease = await self._current_lease(client)
         batches = self._batches.setdefault(stream, OrderedDict())
-        expired = self._beyond_count_horizon(batches, count)
-        fence_key = self._key(stream, "fence")
-        compare = [] if fence is None else [client.transactions.mod(fence_key) == fence]
-        operations: list[Any] = [client.transactions.put(key, value, lease=lease)]
+        adding = sum(counts.get(write.key, 0) for write in writes)
+        expired = self._beyond_count_horizon(batches, adding) if last else []
+        if fence is not None:
+            compare = [client.transactions.mod(self._key(stream, "fence")) == fence]
+        else:
+            compare = [
+                client.transactions.mod(write.key) == write.version
+                for write in writes
+                if write.state_of is not None
+            ]
+        operations: list[Any] = [
+            client.transactions.put(
+                write.key,
+                write.value,
+                lease=await self._current_lease(client) if write.leased else None,
+            )
+            for write in writes
+        ]
         operations += [client.transactions.delete(old) for old in expired]
         succeeded, _ = await client.transaction(compare=compare, success=operations, failure=[])
         if not succeeded:
-            raise Fenced(stream)
+            if fence is not None:
+                raise Fenced(stream)
+            raise Conflict(stream, ", ".join(w.state_of for w in writes if w.state_of))
         for old in expired:
             batches.pop(old, None)
-        batches[key] = count
+        for write in writes:
+            if write.key in counts:
+                batches[write.key] = counts[write.key]
 
     def _beyond_count_horizon(self, batches: OrderedDict[bytes, int], adding: int) -> list[bytes]:
         """Oldest batch keys to delete so the stream keeps at most DEDUPE_MAX_IDS ids."""
@@ -251,6 +322,29 @@ class _TlsClient(aetcd.Client):  # type: ignore[misc]
             aetcd.rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
         )
         self._connected.set()
+
+
+@dataclass(frozen=True, slots=True)
+class _Put:
+    key: bytes
+    value: bytes
+    leased: bool = False  # expires with the dedupe horizon
+    state_of: str | None = None  # the handler key, for state writes
+    version: int = 0  # the state's revision when read (compared on shared streams)
+
+
+def _transactions(writes: list[_Put]) -> list[list[_Put]]:
+    """Writes in order, grouped into transactions within etcd's request limits."""
+    parts: list[list[_Put]] = [[]]
+    size = 0
+    for write in writes:
+        cost = len(write.key) + len(write.value) + 16
+        if parts[-1] and (size + cost > CHUNK_BYTES or len(parts[-1]) >= MAX_PUTS_PER_TXN):
+            parts.append([])
+            size = 0
+        parts[-1].append(write)
+        size += cost
+    return parts
 
 
 def _chunks(ids: list[str]) -> list[list[str]]:

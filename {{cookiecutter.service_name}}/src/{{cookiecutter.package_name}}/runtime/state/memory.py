@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from .base import Fenced, Loaded, StateStore, StateUnavailable
+from .base import Conflict, Fenced, KeyState, Loaded, StateStore, StateUnavailable
 
 
 @dataclass
@@ -16,6 +16,8 @@ class _Stream:
     # event id -> (recorded at, sequence number); oldest first
     records: OrderedDict[str, tuple[float, int]] = field(default_factory=OrderedDict)
     fence: int = 0
+    progress: int | None = None
+    states: dict[str, KeyState] = field(default_factory=dict)
 
 
 class MemoryStateStore(StateStore):
@@ -44,10 +46,21 @@ class MemoryStateStore(StateStore):
         state = self._streams.setdefault(stream, _Stream())
         self._expire(state)
         records = [(i, at) for i, (at, seq) in state.records.items() if seq > after]
-        return Loaded(records, max((seq for _, seq in state.records.values()), default=after))
+        cursor = max((seq for _, seq in state.records.values()), default=after)
+        return Loaded(records, cursor, state.progress)
+
+    async def load_states(self, stream: str, keys: Sequence[str]) -> dict[str, KeyState]:
+        states = self._streams.setdefault(stream, _Stream()).states
+        return {key: states.get(key, KeyState()) for key in keys}
 
     async def commit(
-        self, stream: str, processed: Sequence[tuple[str, float]], fence: int | None
+        self,
+        stream: str,
+        processed: Sequence[tuple[str, float]],
+        fence: int | None,
+        *,
+        progress: int | None = None,
+        states: Mapping[str, KeyState] | None = None,
     ) -> None:
         if self._failures:
             self._failures -= 1
@@ -55,9 +68,16 @@ class MemoryStateStore(StateStore):
         state = self._streams.setdefault(stream, _Stream())
         if fence is not None and fence != state.fence:
             raise Fenced(stream)
+        for key, new in (states or {}).items():
+            if fence is None and state.states.get(key, KeyState()).version != new.version:
+                raise Conflict(stream, key)
         for event_id, recorded_at in processed:
             state.records[event_id] = (recorded_at, next(self._sequence))
             state.records.move_to_end(event_id)
+        for key, new in (states or {}).items():
+            state.states[key] = KeyState(new.value, new.applied, next(self._sequence))
+        if progress is not None:
+            state.progress = progress
         self._expire(state)
         self.commits += 1
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 from urllib.parse import urlsplit
 
 from ..errors import ConfigError
-from .base import Fenced, Loaded, StateStore, StateUnavailable
+from .base import Conflict, Fenced, KeyState, Loaded, StateStore, StateUnavailable
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -26,6 +26,16 @@ CREATE TABLE IF NOT EXISTS processed (
 );
 CREATE INDEX IF NOT EXISTS processed_by_age ON processed (stream, recorded_at);
 CREATE TABLE IF NOT EXISTS fences (stream TEXT PRIMARY KEY, token INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS progress (stream TEXT PRIMARY KEY, position INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS key_state (
+    stream TEXT NOT NULL,
+    key TEXT NOT NULL,
+    state BLOB NOT NULL,
+    version INTEGER NOT NULL,
+    written_at REAL NOT NULL,
+    empty INTEGER NOT NULL,
+    PRIMARY KEY (stream, key)
+);
 """
 
 
@@ -95,32 +105,97 @@ class SqliteStateStore(StateStore):
             (stream, after),
         ).fetchall()
         cursor = max((int(seq) for seq, _, _ in rows), default=after)
-        return Loaded([(str(event_id), float(at)) for _, event_id, at in rows], cursor)
+        progress = self._connection.execute(
+            "SELECT position FROM progress WHERE stream = ?", (stream,)
+        ).fetchone()
+        records = [(str(event_id), float(at)) for _, event_id, at in rows]
+        return Loaded(records, cursor, int(progress[0]) if progress else None)
+
+    async def load_states(self, stream: str, keys: Sequence[str]) -> dict[str, KeyState]:
+        return await self._run(self._load_states, stream, keys)
+
+    def _load_states(self, stream: str, keys: Sequence[str]) -> dict[str, KeyState]:
+        found = {key: KeyState() for key in keys}
+        for key, (state, version) in self._stored_states(stream, keys).items():
+            found[key] = KeyState.decode(state, version)
+        return found
+
+    def _stored_states(self, stream: str, keys: Sequence[str]) -> dict[str, tuple[bytes, int]]:
+        assert self._connection is not None
+        stored: dict[str, tuple[bytes, int]] = {}
+        for start in range(0, len(keys), 500):  # SQLite caps bound parameters per statement
+            chunk = list(keys[start : start + 500])
+            marks = ",".join("?" * len(chunk))
+            rows = self._connection.execute(
+                f"SELECT key, state, version FROM key_state WHERE stream = ? AND key IN ({marks})",
+                [stream, *chunk],
+            )
+            stored.update((str(key), (bytes(state), int(version))) for key, state, version in rows)
+        return stored
 
     async def commit(
-        self, stream: str, processed: Sequence[tuple[str, float]], fence: int | None
+        self,
+        stream: str,
+        processed: Sequence[tuple[str, float]],
+        fence: int | None,
+        *,
+        progress: int | None = None,
+        states: Mapping[str, KeyState] | None = None,
     ) -> None:
-        await self._run(self._commit, stream, processed, fence)
+        await self._run(self._commit, stream, processed, fence, progress, states or {})
 
     def _commit(
-        self, stream: str, processed: Sequence[tuple[str, float]], fence: int | None
+        self,
+        stream: str,
+        processed: Sequence[tuple[str, float]],
+        fence: int | None,
+        progress: int | None,
+        states: Mapping[str, KeyState],
     ) -> None:
         assert self._connection is not None
         with self._connection:  # one transaction per batch
             self._connection.execute("BEGIN IMMEDIATE")
             if fence is not None and self._fence(stream) != fence:
                 raise Fenced(stream)
+            stored = self._stored_states(stream, list(states))
+            if fence is None:
+                for key, new in states.items():
+                    if stored.get(key, (b"", 0))[1] != new.version:
+                        raise Conflict(stream, key)
             self._connection.executemany(
                 "INSERT INTO processed (stream, event_id, recorded_at) VALUES (?, ?, ?)",
                 [(stream, event_id, at) for event_id, at in processed],
             )
+            self._connection.executemany(
+                "INSERT OR REPLACE INTO key_state VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        stream,
+                        key,
+                        new.encode(),
+                        stored.get(key, (b"", 0))[1] + 1,
+                        self.clock(),
+                        new.value is None,
+                    )
+                    for key, new in states.items()
+                ],
+            )
+            if progress is not None:
+                self._connection.execute(
+                    "INSERT OR REPLACE INTO progress VALUES (?, ?)", (stream, progress)
+                )
             self._expire(stream)
 
     def _expire(self, stream: str) -> None:
-        """Drop ids past the horizon: older than the TTL, or beyond the newest max_ids."""
+        """Drop ids past the horizon (older than the TTL, or beyond the newest max_ids),
+        and emptied key states once their applied ids are past it too."""
         assert self._connection is not None
         self._connection.execute(
             "DELETE FROM processed WHERE stream = ? AND recorded_at < ?",
+            (stream, self.clock() - self.ttl_s),
+        )
+        self._connection.execute(
+            "DELETE FROM key_state WHERE stream = ? AND empty AND written_at < ?",
             (stream, self.clock() - self.ttl_s),
         )
         self._connection.execute(

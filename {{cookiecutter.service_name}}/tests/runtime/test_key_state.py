@@ -1,0 +1,213 @@
+"""Per-key handler state (`ctx.state`) and checkpointed progress. Template-owned."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from google.protobuf.wrappers_pb2 import StringValue
+
+from {{ cookiecutter.package_name }}.runtime import Context, DeadLetter, RetryLater, Router
+from {{ cookiecutter.package_name }}.runtime.brokers.memory import MemoryBus
+from {{ cookiecutter.package_name }}.runtime.state.base import KeyState
+from {{ cookiecutter.package_name }}.runtime.state.memory import MemoryStateStore
+from {{ cookiecutter.package_name }}.runtime.testing import ServiceHarness
+
+from .conftest import FAST, GatedBroker, RunningLoop, fast_settings, make_loop, publish_to
+
+
+def counting_router(seen: list[tuple[str, int]]) -> Router:
+    """Counts events per key in ctx.state; "flaky" fails its first attempt after writing
+    to the state, "dead" is dead-lettered after writing to it, "set" stores a set."""
+    router = Router()
+
+    @router.handles(StringValue, stateful=True)
+    async def count(event: StringValue, ctx: Context) -> None:
+        ctx.state["count"] = ctx.state.get("count", 0) + 1
+        if event.value == "flaky" and ctx.attempt == 1:
+            raise RetryLater("first attempt fails after touching the state")
+        if event.value == "dead":
+            raise DeadLetter("refused", "after touching the state")
+        if event.value == "set":
+            ctx.state["bad"] = {1, 2}
+        seen.append((ctx.envelope.subject, ctx.state["count"]))
+
+    return router
+
+
+async def test_state_is_kept_per_key_across_restarts() -> None:
+    seen: list[tuple[str, int]] = []
+    service = ServiceHarness(counting_router(seen), **FAST)
+    for key in ("a", "a", "b"):
+        await service.publish(StringValue(value="x"), key=key)
+    await service.run_until_idle()
+    await service.publish(StringValue(value="x"), key="a")  # a new loop: state from the store
+    await service.run_until_idle()
+
+    assert seen == [("a", 1), ("a", 2), ("b", 1), ("a", 3)]
+    assert await service.state_of("a") == {"count": 3}
+    assert await service.state_of("b") == {"count": 1}
+
+
+async def test_failed_attempts_and_dead_letters_leave_no_trace_in_the_state() -> None:
+    seen: list[tuple[str, int]] = []
+    service = ServiceHarness(counting_router(seen), **FAST)
+    for value in ("flaky", "dead", "x"):
+        await service.publish(StringValue(value=value), key="k")
+
+    stats = await service.run_until_idle()
+
+    assert stats.retries == 1
+    assert [parked.reason for parked in service.dead_letters] == ["refused"]
+    assert seen == [("k", 1), ("k", 2)]  # the retry started from the state before "flaky"
+    assert await service.state_of("k") == {"count": 2}
+
+
+async def test_state_that_is_not_json_is_dead_lettered_with_a_clear_reason() -> None:
+    service = ServiceHarness(counting_router([]), **FAST)
+    await service.publish(StringValue(value="set"), key="k")
+
+    await service.run_until_idle()
+
+    [parked] = service.dead_letters
+    assert parked.reason == "handler-failed"
+    assert "ctx.state must hold JSON values" in parked.error
+    assert await service.state_of("k") == {}
+
+
+async def test_state_without_stateful_tells_how_to_fix_it() -> None:
+    router = Router()
+
+    @router.handles(StringValue)
+    async def forgetful(event: StringValue, ctx: Context) -> None:
+        ctx.state["x"] = 1
+
+    service = ServiceHarness(router, **{**FAST, "retry_attempts": 1})
+    await service.publish(StringValue(value="x"), key="k")
+    await service.run_until_idle()
+
+    [parked] = service.dead_letters
+    assert "stateful=True" in parked.error
+
+
+@dataclass
+class Rig:
+    """A memory bus and store with the counting router bound: one replica's world."""
+
+    store: MemoryStateStore
+    bus: MemoryBus = field(default_factory=MemoryBus)
+    seen: list[tuple[str, int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.settings = fast_settings()
+        self.group = self.settings.consumer_group
+        self.router = counting_router(self.seen)
+        self.bus.bind(self.group, self.router.event_types())
+
+    def start(self, *, exclusive: bool = False, hang_acks: bool = False) -> RunningLoop:
+        broker = GatedBroker(self.bus, self.group, exclusive=exclusive)
+        broker.hang_acks = hang_acks
+        return RunningLoop(make_loop(self.router, self.bus, self.store, self.settings, broker))
+
+
+async def test_checkpointed_progress_skips_what_a_crash_left_unacked() -> None:
+    """Exclusive streams (Kafka partitions): a crash after the checkpoint but before the
+    ack redelivers the batch; its progress says it is done. Without it, poison (which has
+    no event id to dedupe on) would be dead-lettered a second time."""
+    rig = Rig(MemoryStateStore(1000, 3600, time.time))
+    bus, store, seen, router, group = rig.bus, rig.store, rig.seen, rig.router, rig.group
+    settings = rig.settings
+    encoder = ServiceHarness(router)
+    encoder.publish_raw(b"\x00\xffpoison", settings.topic_for(router.event_types()[0]))
+    bus.put(encoder.bus.published[-1])
+    await publish_to(bus, router, StringValue(value="x"), key="k")
+
+    first = rig.start(exclusive=True, hang_acks=True)
+    await first.wait_until(lambda: store.commits == 1)
+    await first.crash()
+    assert bus.pending(group) == 2  # nothing was acked
+
+    second = rig.start(exclusive=True)
+    await second.wait_until(lambda: bus.pending(group) == 0)
+    stats = await second.stop_gracefully()
+
+    assert (stats.handled, stats.duplicates, sum(stats.dead_lettered.values())) == (0, 2, 0)
+    assert len([message for message in bus.published if message.dead_letter]) == 1
+    assert seen == [("k", 1)]
+
+
+class StateFirstStore(MemoryStateStore):
+    """Writes a commit's key state, then dies before the rest, as a store that must split
+    a large commit into several transactions could."""
+
+    crash_after_states = True
+
+    async def commit(
+        self, stream: str, processed: Sequence[tuple[str, float]], fence: int | None, **more: Any
+    ) -> None:
+        if self.crash_after_states and more.get("states"):
+            await super().commit(stream, [], fence, states=more["states"])
+            await asyncio.Event().wait()  # killed here
+        await super().commit(stream, processed, fence, **more)
+
+
+@pytest.mark.parametrize("exclusive", [False, True])
+async def test_a_split_commit_cut_short_does_not_apply_an_event_twice(exclusive: bool) -> None:
+    store = StateFirstStore(1000, 3600, time.time)
+    rig = Rig(store)
+    bus, seen, router, group = rig.bus, rig.seen, rig.router, rig.group
+    await publish_to(bus, router, StringValue(value="x"), key="k")
+
+    first = rig.start(exclusive=exclusive)
+    await first.wait_until(lambda: bool(seen))
+    await asyncio.sleep(0.05)
+    await first.crash()
+    assert await store.load_states(group, ["k"]) != {"k": KeyState()}  # state written
+    assert (await store.load(group)).records == []  # ids not
+
+    store.crash_after_states = False
+    second = rig.start(exclusive=exclusive)
+    await second.wait_until(lambda: bus.pending(group) == 0)
+    stats = await second.stop_gracefully()
+
+    assert (stats.handled, stats.duplicates) == (0, 1)
+    assert seen == [("k", 1)]
+    [(event_id, _)] = (await store.load(group)).records  # recorded now
+    assert event_id in (await store.load_states(group, ["k"]))["k"].applied
+
+
+class RacedStore(MemoryStateStore):
+    """Just before this replica's first commit, another replica commits key k."""
+
+    raced = False
+
+    async def commit(
+        self, stream: str, processed: Sequence[tuple[str, float]], fence: int | None, **more: Any
+    ) -> None:
+        if not self.raced:
+            self.raced = True
+            newer = {"k": KeyState(b'{"count":41}', ("other",), 0)}
+            await super().commit(stream, [("other", time.time())], None, states=newer)
+        await super().commit(stream, processed, fence, **more)
+
+
+async def test_a_replica_that_read_stale_state_does_not_overwrite_it() -> None:
+    """Shared streams: the commit compares each key's version; a replica that read an
+    older one must not overwrite it. Its batch goes back to the queue and runs again on
+    the newer state."""
+    store = RacedStore(1000, 3600, time.time)
+    rig = Rig(store)
+    bus, seen, router, group = rig.bus, rig.seen, rig.router, rig.group
+    await publish_to(bus, router, StringValue(value="x"), key="k")
+
+    running = rig.start()
+    await running.wait_until(lambda: bus.pending(group) == 0)
+    stats = await running.stop_gracefully()
+
+    assert stats.fenced == 1
+    assert seen == [("k", 1), ("k", 42)]  # re-run on the newer state; applied once
+    assert (await store.load_states(group, ["k"]))["k"].value == b'{"count":42}'
