@@ -56,9 +56,9 @@ class CountingStore:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    async def commit(self, stream: str, processed: Any, fence: Any) -> None:
+    async def commit(self, stream: str, processed: Any, fence: Any, **more: Any) -> None:
         self.commits += 1
-        await self.inner.commit(stream, processed, fence)
+        await self.inner.commit(stream, processed, fence, **more)
 
 
 async def write_rate(rate: int) -> dict[str, float]:

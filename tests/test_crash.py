@@ -59,4 +59,5 @@ def test_sigkill_loses_nothing_and_rehandles_only_in_flight(
     assert figures["rehandled_at_kills"] <= figures["rehandled_bound"]
     assert figures["duplicates_rehandled"] == 0
     assert figures["sentinels_handled"] == 12
+    assert figures["keys_with_wrong_state_count"] == 0, "ctx.state applied twice or lost"
     assert figures["exit_code_on_sigterm"] == 0

@@ -89,9 +89,15 @@ def encode(event_id: str, key: str) -> Any:
     return brokers.OutboundMessage(TOPIC, body, key)
 
 
-def handled() -> list[str]:
+def handled_lines() -> list[tuple[str, int]]:
+    """(event id, the key's ctx.state count after it) per handler run, in order."""
     path = OUT / "handled.log"
-    return path.read_text().split() if path.exists() else []
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [(event_id, int(count)) for event_id, count in (line.split() for line in lines)]
+
+
+def handled() -> list[str]:
+    return [event_id for event_id, _ in handled_lines()]
 
 
 class Service:
@@ -179,6 +185,11 @@ async def main() -> dict[str, Any]:
     await producer.publish([encode(event_id, key) for event_id, key in duplicates + sentinels])
     await wait_for(lambda: {s for s, _ in sentinels} <= set(handled()), 120)
     final = Counter(handled())
+    counted = dict(handled_lines())  # a sentinel's line: its key's count
+    distinct_per_key = Counter(key for _, key in {(e, k) for e, k in plan + sentinels})
+    wrong_counts = [
+        key for sentinel, key in sentinels if counted.get(sentinel) != distinct_per_key[key]
+    ]
     exit_code = service.terminate()
     await producer.close()
 
@@ -203,6 +214,7 @@ async def main() -> dict[str, Any]:
         "duplicates_after_recovery": len(duplicates),
         "duplicates_rehandled": sum(final[e] - after_kills[e] for e, _ in duplicates),
         "sentinels_handled": sum(final[s] for s, _ in sentinels),
+        "keys_with_wrong_state_count": len(wrong_counts),
         "poison": POISON,
         "poison_parked": len(parked_bodies & set(poison)),
         "parked_total": len(parked),
