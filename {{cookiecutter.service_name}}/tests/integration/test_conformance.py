@@ -249,6 +249,41 @@ async def test_graceful_stop_drains_and_acks_in_flight_work(backend: Backend) ->
     await successor.ack(rest)
 
 
+async def test_consumer_lag_counts_what_waits_and_falls_to_zero(backend: Backend) -> None:
+    settings = backend.settings(batch_size=5)
+    release = asyncio.Event()
+    router = Router()
+
+    @router.handles(StringValue)
+    async def blocked(payload: StringValue, ctx: Context) -> None:
+        await release.wait()
+
+    running = RunningLoop(loop_for(backend, settings, router, new_state()))
+    await running.wait_started()
+    topic = settings.topic_for(STRING_TYPE)
+    await publish(
+        backend, settings, [OutboundMessage(topic, event(f"e{i}"), key=f"k{i}") for i in range(40)]
+    )
+    broker = running.loop.broker
+    lags: list[int] = []
+
+    async def waiting() -> int:
+        lags.append(sum((await broker.lag()).values()))
+        return lags[-1]
+
+    async with asyncio.timeout(30):
+        # All but a batch in flight and a prefetch; polls the bus, there is no event to await.
+        while await waiting() < 40 - 2 * 5 * 2:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+    release.set()
+    await running.wait_until(lambda: running.loop.stats.acked >= 40, deadline_s=60)
+    async with asyncio.timeout(30):
+        while await waiting() > 0:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+    await running.stop_gracefully()
+    assert max(lags) <= 40
+
+
 async def test_two_replicas_share_the_work_and_handle_each_event_once(backend: Backend) -> None:
     """A second replica joins mid-stream (a Kafka rebalance; RabbitMQ competing consumers)."""
     settings = backend.settings(batch_size=20)

@@ -6,16 +6,20 @@ import json
 import logging
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import structlog
 from google.protobuf.wrappers_pb2 import Int64Value, StringValue
 from opentelemetry import trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
 from {{ cookiecutter.package_name }}.runtime import Context, Router
-from {{ cookiecutter.package_name }}.runtime.brokers.memory import MemoryBus
+from {{ cookiecutter.package_name }}.runtime.app import build_loop
+from {{ cookiecutter.package_name }}.runtime.brokers.memory import MemoryBroker, MemoryBus
 from {{ cookiecutter.package_name }}.runtime.config import Settings
 from {{ cookiecutter.package_name }}.runtime.logs import configure_logging
 from {{ cookiecutter.package_name }}.runtime.state.memory import MemoryStateStore
@@ -128,3 +132,47 @@ def test_exporters_are_chosen_by_the_standard_variables(monkeypatch: pytest.Monk
     assert _exporter_names("traces") == ["console"]
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
     assert _exporter_names("traces") == []
+
+
+async def test_metrics_count_outcomes_and_report_lag() -> None:
+    reader = InMemoryMetricReader()
+    bus = MemoryBus()
+    settings = fast_settings()
+    router = Router()
+
+    @router.handles(StringValue)
+    async def handle(event: StringValue, ctx: Context) -> None:
+        if event.value == "bad":
+            raise ctx.DeadLetter("refused", "by the test")
+
+    bus.bind(settings.consumer_group, router.event_types())
+    first = await publish_to(bus, router, StringValue(value="a"))
+    await publish_to(bus, router, StringValue(value="a"), event_id=first)
+    await publish_to(bus, router, StringValue(value="bad"))
+    loop = build_loop(
+        settings,
+        router,
+        broker=MemoryBroker(bus, settings.consumer_group),
+        state=MemoryStateStore(100, 3600, time.time),
+        meter_provider=MeterProvider(metric_readers=[reader]),
+    )
+    running = RunningLoop(loop)
+    await running.wait_until(lambda: bus.pending(settings.consumer_group) == 0)
+    await running.stop_gracefully()
+
+    data = reader.get_metrics_data()
+    assert data is not None
+    points: dict[tuple[str, Any], Any] = {
+        (metric.name, tuple(sorted((point.attributes or {}).items()))): point
+        for resource in data.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        for point in metric.data.data_points
+    }
+    assert points[("events.handled", ())].value == 1
+    assert points[("events.duplicates", ())].value == 1
+    assert points[("events.dead_lettered", (("reason", "refused"),))].value == 1
+    assert points[("batch.size", ())].sum == 3
+    assert points[("checkpoint.duration", ())].count >= 1
+    # Asked before the first fetch: all three messages were waiting.
+    assert points[("events.consumer.lag", (("stream", settings.consumer_group),))].value == 3

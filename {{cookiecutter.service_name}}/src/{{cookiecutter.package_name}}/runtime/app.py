@@ -7,6 +7,7 @@ import signal
 import time
 from collections.abc import Callable
 
+from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 
 from .. import events
@@ -37,6 +38,7 @@ def build_loop(
     heartbeat: Heartbeat | None = None,
     clock: Callable[[], float] = time.time,
     tracer_provider: TracerProvider | None = None,
+    meter_provider: MeterProvider | None = None,
 ) -> ConsumerLoop:
     return ConsumerLoop(
         router=router,
@@ -47,6 +49,7 @@ def build_loop(
         heartbeat=heartbeat,
         clock=clock,
         tracer_provider=tracer_provider,
+        meter_provider=meter_provider,
     )
 
 

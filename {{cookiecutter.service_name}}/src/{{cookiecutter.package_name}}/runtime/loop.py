@@ -21,7 +21,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 import structlog
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from tenacity import (
     AsyncRetrying,
@@ -52,6 +52,7 @@ from .state.base import Fenced, KeyState, StateStore, StateUnavailable
 CONTENT_TYPE_HEADER = "content-type"
 MAX_STATE_BYTES = 64 * 1024  # per key: state travels in every checkpoint that changes it
 STATE_CACHE_KEYS = 10_000  # per exclusive stream; older keys are read again when needed
+LAG_INTERVAL_S = 5.0  # how often the bus is asked for consumer lag
 T = TypeVar("T")
 
 
@@ -133,6 +134,7 @@ class ConsumerLoop:
         heartbeat: Heartbeat | None = None,
         clock: Callable[[], float] = time.time,
         tracer_provider: trace.TracerProvider | None = None,
+        meter_provider: metrics.MeterProvider | None = None,
     ) -> None:
         self.router = router
         self.broker = broker
@@ -144,7 +146,8 @@ class ConsumerLoop:
         self.stats = LoopStats()
         self.log = get_logger(service=settings.consumer_group)
         self.tracer = telemetry.tracer(tracer_provider)
-        self.metrics = telemetry.LoopMetrics()
+        self.metrics = telemetry.LoopMetrics(meter_provider)
+        self._lag_checked_at = 0.0
         self._messaging_system = _messaging_system(settings.broker_url)
         self._windows: dict[str, DedupeWindow] = {}
         self._fences: dict[str, int | None] = {}
@@ -166,6 +169,7 @@ class ConsumerLoop:
         try:
             while not stop.is_set():
                 self._beat(ready=True)
+                await self._check_lag()
                 batch = await self._fetch_unless_stopped(stop)
                 if not batch:
                     continue
@@ -180,6 +184,18 @@ class ConsumerLoop:
                 self.heartbeat.clear()
             self.log.info("stopped", **self._summary())
         return self.stats
+
+    async def _check_lag(self) -> None:
+        """Refresh the consumer-lag gauge every LAG_INTERVAL_S; a bus that does not answer
+        only leaves the last figures in place."""
+        now_s = time.monotonic()
+        if now_s - self._lag_checked_at < LAG_INTERVAL_S:
+            return
+        self._lag_checked_at = now_s
+        try:
+            self.metrics.lag = await self.broker.lag()
+        except BrokerUnavailable as error:
+            self.log.debug("consumer lag unavailable", error=str(error))
 
     async def _fetch_unless_stopped(self, stop: asyncio.Event) -> list[InboundMessage]:
         fetching = asyncio.ensure_future(self._fill_batch())

@@ -135,8 +135,16 @@ def tracer(provider: trace.TracerProvider | None = None) -> trace.Tracer:
 class LoopMetrics:
     """The loop's instruments; no-ops until a meter provider is configured."""
 
-    def __init__(self) -> None:
-        meter = metrics.get_meter(INSTRUMENTATION)
+    def __init__(self, provider: metrics.MeterProvider | None = None) -> None:
+        meter = metrics.get_meter(INSTRUMENTATION, meter_provider=provider)
+        # Latest consumer lag per stream, observed whenever the metrics are exported.
+        self.lag: dict[str, int] = {}
+        meter.create_observable_gauge(
+            "events.consumer.lag",
+            callbacks=[self._observe_lag],
+            unit="{message}",
+            description="Messages waiting per stream (partition or queue), as the bus reports",
+        )
         self.handled = meter.create_counter("events.handled", description="Events handled")
         self.duplicates = meter.create_counter(
             "events.duplicates", description="Duplicates dropped"
@@ -156,3 +164,8 @@ class LoopMetrics:
         self.checkpoint_failures = meter.create_counter(
             "checkpoint.failures", description="Store or bus writes that failed and were retried"
         )
+
+    def _observe_lag(self, _options: metrics.CallbackOptions) -> list[metrics.Observation]:
+        return [
+            metrics.Observation(count, {"stream": stream}) for stream, count in self.lag.items()
+        ]

@@ -108,3 +108,8 @@ class Broker(ABC):
     @abstractmethod
     async def close(self) -> None:
         """Disconnect; deliveries not acked come back to the group as redeliveries."""
+
+    async def lag(self) -> dict[str, int]:
+        """Consumer lag per stream where the bus tells it: messages waiting to be handled.
+        Empty when unknown. Raises BrokerUnavailable when the bus does not answer."""
+        return {}

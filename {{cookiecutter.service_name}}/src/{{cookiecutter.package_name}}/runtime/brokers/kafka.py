@@ -244,6 +244,27 @@ class KafkaBroker(Broker):
         if self.on_streams_revoked is not None:
             self.on_streams_revoked({stream_of(tp.topic, tp.partition) for tp in partitions})
 
+    async def lag(self) -> dict[str, int]:
+        """Per assigned partition: high watermark minus the oldest offset not yet acked."""
+        consumer = self._consumer
+        if consumer is None:
+            return {}
+        found: dict[str, int] = {}
+        try:
+            for partition in consumer.assignment():
+                highwater = consumer.highwater(partition)
+                if highwater is None:
+                    continue  # nothing fetched from it yet
+                pending = self._offsets.get(partition)
+                if pending is not None and pending.delivered:
+                    oldest = pending.delivered[0]
+                else:
+                    oldest = await consumer.position(partition)
+                found[stream_of(partition.topic, partition.partition)] = max(0, highwater - oldest)
+        except KafkaError as error:
+            raise BrokerUnavailable(f"kafka: {error!r}") from error
+        return found
+
     async def close(self) -> None:
         if self._consumer is not None:
             await self._consumer.stop()  # no commit: unacked work is redelivered

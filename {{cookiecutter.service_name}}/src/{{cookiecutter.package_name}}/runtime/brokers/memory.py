@@ -127,6 +127,9 @@ class MemoryBroker(Broker):
                 raise ValueError(f"ack of unknown delivery {message.position}")
             del queue.unacked[message.position]
 
+    async def lag(self) -> dict[str, int]:
+        return {self.group: len(self.bus.queue(self.group).ready)}
+
     async def close(self) -> None:
         """Unacked deliveries go back to the front of the queue, marked redelivered."""
         queue = self.bus.queue(self.group)

@@ -16,6 +16,7 @@ from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
     AbstractIncomingMessage,
+    AbstractRobustChannel,
     AbstractRobustConnection,
 )
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
@@ -54,6 +55,9 @@ class RabbitMQBroker(Broker):
         self._exchange: AbstractExchange | None = None
         self._dead_letters: AbstractExchange | None = None
         self._buffer: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self._consuming = False
+        # Lag checks use their own channel: a failed passive declare closes its channel.
+        self._lag_channel: AbstractRobustChannel | None = None
 
     async def start(self, topics: Sequence[str]) -> None:
         settings = self.settings
@@ -105,6 +109,7 @@ class RabbitMQBroker(Broker):
         for topic in topics:
             await queue.bind(self._exchange, routing_key=topic)
         await queue.consume(self._on_message, no_ack=False)
+        self._consuming = True
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         self._buffer.put_nowait(message)
@@ -183,6 +188,23 @@ class RabbitMQBroker(Broker):
                 "ack lost with the channel; messages will be redelivered", error=repr(error)
             )
 
+    async def lag(self) -> dict[str, int]:
+        """Messages ready in the queue plus those prefetched and not yet fetched by the loop
+        (deliveries being handled are not counted)."""
+        if self._connection is None or not self._consuming:
+            return {}
+        try:
+            if self._lag_channel is None or self._lag_channel.is_closed:
+                self._lag_channel = await self._connection.channel()
+            queue = await self._lag_channel.declare_queue(
+                self.settings.consumer_group, passive=True, robust=False
+            )
+        except TRANSIENT as error:
+            self._lag_channel = None
+            raise BrokerUnavailable(f"rabbitmq: {error!r}") from error
+        ready = queue.declaration_result.message_count or 0
+        return {self.settings.consumer_group: ready + self._buffer.qsize()}
+
     async def drop_connection_for_tests(self) -> None:
         """Break the connection as a network failure would; robust reconnect follows."""
         assert self._connection is not None and self._connection.transport is not None
@@ -192,7 +214,8 @@ class RabbitMQBroker(Broker):
         if self._connection is not None:
             await self._connection.close()  # unacked deliveries return to the queue
             self._connection = None
-        self._channel = self._exchange = self._dead_letters = None
+        self._channel = self._exchange = self._dead_letters = self._lag_channel = None
+        self._consuming = False
 
 
 def _channel_open(delivery: AbstractIncomingMessage) -> bool:
