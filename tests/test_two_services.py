@@ -1,0 +1,41 @@
+"""Two baked services in one process: both load (the envelope's protobuf registration
+does not clash), and one trace follows an event from the first to the second."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from .conftest import TEMPLATE, bake, tool_env
+
+
+def test_two_baked_services_chain_one_trace(tmp_path: Path) -> None:
+    orders = bake(tmp_path / "a", service_name="order-service")
+    billing = bake(tmp_path / "b", service_name="billing-service", broker="rabbitmq")
+    env = tool_env()
+    subprocess.run(["uv", "sync", "--quiet"], cwd=orders, env=env, check=True, timeout=600)
+    python = orders / ".venv" / "bin" / "python"
+    subprocess.run(
+        ["uv", "pip", "install", "--quiet", "--python", str(python), "-e", str(billing)],
+        cwd=orders,
+        env=env,
+        check=True,
+        timeout=600,
+    )
+    chain = TEMPLATE / "tests" / "two_services" / "chain.py"
+    result = subprocess.run(
+        [str(python), str(chain)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [span["kind"] for span in report["spans"]] == [
+        "PRODUCER",
+        "CONSUMER",
+        "PRODUCER",
+        "CONSUMER",
+    ]
