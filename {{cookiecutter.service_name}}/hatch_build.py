@@ -47,9 +47,7 @@ def generate(root: Path = ROOT) -> list[Path]:
         generated = []
         for source in sources:
             relative = Path(source)
-            target = (
-                Path(PACKAGE, "events", relative.name) if relative == ENVELOPE else relative
-            )
+            target = Path(PACKAGE, "events", relative.name) if relative == ENVELOPE else relative
             for suffix in ("_pb2.py", "_pb2.pyi"):
                 built = out / str(relative).replace(".proto", suffix)
                 destination = root / "src" / str(target).replace(".proto", suffix)

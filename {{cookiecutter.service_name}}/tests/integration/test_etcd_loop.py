@@ -32,6 +32,7 @@ from {{ cookiecutter.package_name }}.runtime.state import (
 from {{ cookiecutter.package_name }}.runtime.testing import ServiceHarness
 
 from ..runtime.conftest import FAST, RunningLoop
+from .tls_support import make_certificates
 
 
 def free_port() -> int:
@@ -213,41 +214,6 @@ async def test_the_etcd_key_count_stays_bounded_over_a_long_run(
     assert len(handled) == 3000
     assert max(counts) <= 200 + 50  # the horizon, at batch granularity
     await service.state.close()
-
-
-def make_certificates(folder: Path, name: str) -> dict[str, Path]:
-    """A throwaway CA with a server certificate for 127.0.0.1 and a client certificate."""
-    folder.mkdir(parents=True)
-
-    def openssl(*arguments: str) -> None:
-        subprocess.run(["openssl", *arguments], cwd=folder, check=True, capture_output=True)
-
-    subject = f"/CN={name} test CA"
-    openssl(
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-        "-keyout", "ca.key", "-out", "ca.pem", "-subj", subject,
-    )  # fmt: skip
-    extensions = {
-        "server": "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
-        "client": "extendedKeyUsage=clientAuth\n",
-    }
-    for role, extension in extensions.items():
-        (folder / f"{role}.ext").write_text(extension)
-        openssl(
-            "req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{role}.key",
-            "-out", f"{role}.csr", "-subj", f"/CN={role}",
-        )  # fmt: skip
-        openssl(
-            "x509", "-req", "-in", f"{role}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-CAcreateserial", "-days", "1", "-out", f"{role}.pem", "-extfile", f"{role}.ext",
-        )  # fmt: skip
-    return {
-        "ca": folder / "ca.pem",
-        "cert": folder / "server.pem",
-        "key": folder / "server.key",
-        "client_cert": folder / "client.pem",
-        "client_key": folder / "client.key",
-    }
 
 
 @pytest.fixture

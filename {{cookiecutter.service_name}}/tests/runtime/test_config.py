@@ -68,5 +68,5 @@ def test_broker_tls_context_comes_from_the_tls_files(monkeypatch: pytest.MonkeyP
     context = tls_context(load_settings(), required=True)
     assert context is not None and context.verify_mode == ssl.CERT_REQUIRED
     monkeypatch.setenv(f"{ENV_PREFIX}BROKER_TLS_CA_FILE", "/nonexistent/ca.pem")
-    with pytest.raises(ConfigError, match="BROKER_TLS_\\*: cannot load TLS files"):
+    with pytest.raises(ConfigError, match="BROKER_TLS_CA_FILE: no such file"):
         tls_context(load_settings(), required=False)

@@ -1,4 +1,4 @@
-"""The service's command line: run, healthcheck, emit, types, demo."""
+"""The service's command line: run, healthcheck, emit, types, demo, config."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from .. import SERVICE_NAME
 from .app import build_loop, event_registry, run_until_signalled
 from .brokers import open_broker
 from .brokers.base import OutboundMessage
-from .config import ENV_PREFIX, Settings, load_settings
+from .config import ENV_PREFIX, Settings, load_settings, reference
 from .envelope import CloudEventsProtobufCodec, Envelope, new_event_id, now
 from .errors import ConfigError
 from .health import Heartbeat, check
@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     emit.add_argument("--id", dest="event_id", default=None, help="event id (default: new uuid)")
     commands.add_parser("types", help="list the event types this service knows")
     commands.add_parser("demo", help="run the loop over a scripted stream on the memory bus")
+    commands.add_parser(
+        "config", help="print every environment variable with its default (dotenv format)"
+    )
     return parser
 
 
@@ -48,6 +51,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "types":
             print("\n".join(event_registry().names()))
+            return 0
+        if args.command == "config":
+            for variable, default, description in reference():
+                print(f"# {description}" if description else "#")
+                print(f"{variable}={default}")
             return 0
         settings = load_settings()
         if args.command == "healthcheck":

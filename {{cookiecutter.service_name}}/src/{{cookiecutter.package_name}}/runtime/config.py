@@ -146,6 +146,46 @@ def load_settings(**overrides: Any) -> Settings:
     return load_model(Settings, **overrides)
 
 
+# Modules holding the settings models besides `Settings`; a broker adapter that was not
+# generated for this service is simply absent.
+SETTINGS_MODULES = ("brokers.kafka", "brokers.rabbitmq", "state.etcd")
+# Values that are credentials: deployment manifests give them as <NAME>_FILE.
+SECRET_FIELDS = frozenset({"broker_url", "kafka_sasl_password", "etcd_password"})
+
+
+def settings_models() -> list[type[BaseSettings]]:
+    """Every settings model of this service: one environment variable per field."""
+    import importlib
+
+    models: list[type[BaseSettings]] = [Settings]
+    for module_name in SETTINGS_MODULES:
+        try:
+            module = importlib.import_module(f"{__package__}.{module_name}")
+        except ModuleNotFoundError as error:
+            if error.name == f"{__package__}.{module_name}":
+                continue
+            raise
+        models += [
+            value
+            for value in vars(module).values()
+            if isinstance(value, type)
+            and issubclass(value, BaseSettings)
+            and value.__module__ == module.__name__
+        ]
+    return models
+
+
+def reference() -> list[tuple[str, str, str]]:
+    """(variable, default, description) for every setting, as `config` prints them."""
+    rows = []
+    for model in settings_models():
+        for name, field in model.model_fields.items():
+            default = field.get_default(call_default_factory=True)
+            shown = "" if default is None else str(default)
+            rows.append((f"{ENV_PREFIX}{name.upper()}", shown, field.description or ""))
+    return rows
+
+
 def describe_validation_error(error: ValidationError) -> str:
     problems = []
     for item in error.errors():

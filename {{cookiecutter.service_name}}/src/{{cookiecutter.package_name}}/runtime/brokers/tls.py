@@ -17,6 +17,9 @@ def tls_context(settings: Settings, *, required: bool) -> ssl.SSLContext | None:
     )
     if not required and not any(files):
         return None
+    for variable, path in zip(("CA", "CERT", "KEY"), files, strict=True):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{ENV_PREFIX}BROKER_TLS_{variable}_FILE: no such file {path}")
     try:
         context = ssl.create_default_context(
             cafile=str(settings.broker_tls_ca_file) if settings.broker_tls_ca_file else None
