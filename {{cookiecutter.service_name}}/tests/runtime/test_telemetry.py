@@ -176,3 +176,31 @@ async def test_metrics_count_outcomes_and_report_lag() -> None:
     assert points[("checkpoint.duration", ())].count >= 1
     # Asked before the first fetch: all three messages were waiting.
     assert points[("events.consumer.lag", (("stream", settings.consumer_group),))].value == 3
+
+
+async def test_without_tracing_the_trace_context_passes_through_unchanged() -> None:
+    bus = MemoryBus()
+    settings = fast_settings()
+    router = Router()
+
+    @router.handles(StringValue)
+    async def react(event: StringValue, ctx: Context) -> None:
+        assert not ctx.span.get_span_context().is_valid  # no span when tracing is off
+        ctx.emit(Int64Value(value=1))
+
+    bus.bind(settings.consumer_group, router.event_types())
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    await publish_to(bus, router, StringValue(value="a"), headers={"traceparent": traceparent})
+    loop = build_loop(
+        settings,
+        router,
+        broker=MemoryBroker(bus, settings.consumer_group),
+        state=MemoryStateStore(100, 3600, time.time),
+        tracer_provider=trace.NoOpTracerProvider(),
+    )
+    running = RunningLoop(loop)
+    await running.wait_until(lambda: bus.pending(settings.consumer_group) == 0)
+    await running.stop_gracefully()
+
+    [emitted] = bus.messages("google.protobuf.Int64Value")
+    assert emitted.headers["traceparent"] == traceparent

@@ -77,6 +77,11 @@ class _Work:
     spec: HandlerSpec
 
 
+# What handling one event came to: emitted events, a dead letter, or None when the key's
+# stored state shows it was applied already.
+_Outcome = list[Emitted] | DeadLetterRecord | None
+
+
 @dataclass(slots=True)
 class _KeySlot:
     """One key's handler state while a batch handles that key's events in order."""
@@ -146,6 +151,7 @@ class ConsumerLoop:
         self.stats = LoopStats()
         self.log = get_logger(service=settings.consumer_group)
         self.tracer = telemetry.tracer(tracer_provider)
+        self._tracing = telemetry.tracing_enabled(tracer_provider)
         self.metrics = telemetry.LoopMetrics(meter_provider)
         self._lag_checked_at = 0.0
         self._messaging_system = _messaging_system(settings.broker_url)
@@ -154,7 +160,6 @@ class ConsumerLoop:
         self._cursors: dict[str, int] = {}
         self._progress: dict[str, int] = {}  # exclusive streams: next position not yet durable
         self._state_cache: dict[str, OrderedDict[str, KeyState]] = {}  # exclusive streams
-        self._semaphore = asyncio.Semaphore(settings.max_concurrency)
         # Set once the broker is connected and subscribed (tests and demos wait for it).
         self.started = asyncio.Event()
 
@@ -243,9 +248,7 @@ class ConsumerLoop:
         result = _Batch()
         work = self._sort(batch, result)
         slots = await self._load_key_states(work)
-        outcomes = await asyncio.gather(
-            *(self._handle_in_order(items, slots.get(group)) for group, items in work.items())
-        )
+        outcomes = await self._handle_groups(work, slots)
         for items, handled in zip(work.values(), outcomes, strict=True):
             for item, outcome in zip(items, handled, strict=True):
                 if outcome is not None:
@@ -364,24 +367,45 @@ class ConsumerLoop:
         while len(cache) > STATE_CACHE_KEYS:
             cache.popitem(last=False)
 
-    async def _handle_in_order(
-        self, items: list[_Work], slot: _KeySlot | None
-    ) -> list[list[Emitted] | DeadLetterRecord | None]:
+    async def _handle_groups(
+        self, work: dict[tuple[str, str], list[_Work]], slots: dict[tuple[str, str], _KeySlot]
+    ) -> list[list[_Outcome]]:
+        """Each key's events in order, keys concurrently: up to MAX_CONCURRENCY workers
+        take whole keys from one shared list (no task per key)."""
+        groups = list(work.items())
+        outcomes: list[list[_Outcome]] = [[] for _ in groups]
+        pending = iter(range(len(groups)))
+
+        async def worker() -> None:
+            for index in pending:  # shared: each key is taken by exactly one worker
+                group, items = groups[index]
+                outcomes[index] = await self._handle_in_order(items, slots.get(group))
+
+        workers = min(self.settings.max_concurrency, len(groups))
+        await asyncio.gather(*(worker() for _ in range(workers)))
+        return outcomes
+
+    async def _handle_in_order(self, items: list[_Work], slot: _KeySlot | None) -> list[_Outcome]:
         """One key's events in order; None for an event its stored state already applied
         (its checkpoint was cut short by a crash after the state was written)."""
-        async with self._semaphore:
-            outcomes: list[list[Emitted] | DeadLetterRecord | None] = []
-            for item in items:
-                if slot is not None and item.envelope.id in slot.stored.applied:
-                    self.stats.duplicates += 1
-                    self.metrics.duplicates.add(1)
-                    outcomes.append(None)
-                    continue
-                outcomes.append(await self._handle(item, slot))
-            return outcomes
+        outcomes: list[_Outcome] = []
+        for item in items:
+            if slot is not None and item.envelope.id in slot.stored.applied:
+                self.stats.duplicates += 1
+                self.metrics.duplicates.add(1)
+                outcomes.append(None)
+                continue
+            outcomes.append(await self._handle(item, slot))
+        return outcomes
 
     async def _handle(self, item: _Work, slot: _KeySlot | None) -> list[Emitted] | DeadLetterRecord:
         envelope, message = item.envelope, item.message
+        if not self._tracing:  # no SDK: no spans at all, but the trace context passes on
+            outcome = await self._handle_in_span(item, trace.INVALID_SPAN, slot)
+            if not isinstance(outcome, DeadLetterRecord):
+                for event in outcome:
+                    telemetry.pass_on(message.headers, event.headers)
+            return outcome
         with self.tracer.start_as_current_span(
             f"process {message.topic}",
             context=telemetry.extract(message.headers),
@@ -403,21 +427,48 @@ class ConsumerLoop:
     async def _handle_in_span(
         self, item: _Work, span: trace.Span, slot: _KeySlot | None
     ) -> list[Emitted] | DeadLetterRecord:
-        envelope, message = item.envelope, item.message
-        log = self.log.bind(
-            event_id=envelope.id,
-            event_type=envelope.type,
-            event_source=envelope.source,
-            subject=envelope.subject,
-            stream=message.stream,
-            position=message.position,
-        )
-        span_context = span.get_span_context()
-        if span_context.is_valid:
-            log = log.bind(
-                trace_id=format(span_context.trace_id, "032x"),
-                span_id=format(span_context.span_id, "016x"),
+        """The handler's first attempt runs directly; only a failure pays for the retry
+        machinery (tenacity), which then replays that failure as its attempt 1."""
+        message = item.message
+        try:
+            context, state = await self._attempt(item, span, slot, 1)
+        except DeadLetter as error:
+            return DeadLetterRecord(message, error.reason, error.detail)
+        except Exception as first_error:
+            try:
+                context, state = await self._retry(item, span, slot, first_error)
+            except DeadLetter as error:
+                return DeadLetterRecord(message, error.reason, error.detail)
+            except Exception as error:
+                span.record_exception(error)
+                attempts = self.settings.retry_attempts
+                detail = f"{type(error).__name__}: {error} (after {attempts} attempts)"
+                return DeadLetterRecord(message, "handler-failed", detail)
+        if slot is not None and state is not None:
+            unusable = slot.finish(item.envelope.id, state)
+            if unusable is not None:
+                return DeadLetterRecord(message, "handler-failed", unusable)
+        return context.emitted
+
+    async def _attempt(
+        self, item: _Work, span: trace.Span, slot: _KeySlot | None, number: int
+    ) -> tuple[Context, dict[str, Any] | None]:
+        """Run the handler once; a stateful one gets a fresh copy of its key's state."""
+        state = slot.begin() if slot is not None and item.spec.stateful else None
+        log = partial(self._event_log, item.envelope, item.message, span, number)
+        context = Context(item.envelope, number, log, span, state)
+        started = time.perf_counter()
+        try:
+            await item.spec.handler(item.envelope.payload, context)
+        finally:
+            self.metrics.handler_duration.record(
+                time.perf_counter() - started, {"event.type": item.envelope.type}
             )
+        return context, state
+
+    async def _retry(
+        self, item: _Work, span: trace.Span, slot: _KeySlot | None, first_error: Exception
+    ) -> tuple[Context, dict[str, Any] | None]:
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.settings.retry_attempts),
             wait=wait_random_exponential(
@@ -425,35 +476,39 @@ class ConsumerLoop:
                 max=self.settings.retry_max_backoff_ms / 1000,
             ),
             retry=retry_if_exception(_is_transient),
-            before_sleep=lambda state: self._on_retry(state, log),
+            before_sleep=lambda state: self._on_retry(state, item, span),
             reraise=True,
         )
-        state: dict[str, Any] | None = None
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    number = attempt.retry_state.attempt_number
-                    state = slot.begin() if slot is not None and item.spec.stateful else None
-                    context = Context(envelope, number, log.bind(attempt=number), span, state)
-                    started = time.perf_counter()
-                    try:
-                        await item.spec.handler(envelope.payload, context)
-                    finally:
-                        self.metrics.handler_duration.record(
-                            time.perf_counter() - started, {"event.type": envelope.type}
-                        )
-        except DeadLetter as error:
-            return DeadLetterRecord(message, error.reason, error.detail)
-        except Exception as error:
-            span.record_exception(error)
-            attempts = self.settings.retry_attempts
-            detail = f"{type(error).__name__}: {error} (after {attempts} attempts)"
-            return DeadLetterRecord(message, "handler-failed", detail)
-        if slot is not None and state is not None:
-            unusable = slot.finish(envelope.id, state)
-            if unusable is not None:
-                return DeadLetterRecord(message, "handler-failed", unusable)
-        return context.emitted
+        replay: Exception | None = first_error
+        async for attempt in retrying:
+            with attempt:
+                if replay is not None:  # attempt 1 already ran: its failure, once more
+                    error, replay = replay, None
+                    raise error
+                number = attempt.retry_state.attempt_number
+                return await self._attempt(item, span, slot, number)
+        raise AssertionError("unreachable: tenacity returns or re-raises")
+
+    def _event_log(
+        self, envelope: Envelope, message: InboundMessage, span: trace.Span, attempt: int
+    ) -> structlog.typing.FilteringBoundLogger:
+        """A logger bound to one event; built only when a handler or a retry logs."""
+        log = self.log.bind(
+            event_id=envelope.id,
+            event_type=envelope.type,
+            event_source=envelope.source,
+            subject=envelope.subject,
+            stream=message.stream,
+            position=message.position,
+            attempt=attempt,
+        )
+        span_context = span.get_span_context()
+        if span_context.is_valid:
+            log = log.bind(
+                trace_id=format(span_context.trace_id, "032x"),
+                span_id=format(span_context.span_id, "016x"),
+            )
+        return log
 
     def _span_attributes(self, message: InboundMessage, envelope: Envelope) -> dict[str, Any]:
         """OpenTelemetry messaging and CloudEvents semantic conventions."""
@@ -494,10 +549,11 @@ class ConsumerLoop:
             ):
                 telemetry.inject(event.headers)
 
-    def _on_retry(self, state: RetryCallState, log: structlog.typing.FilteringBoundLogger) -> None:
+    def _on_retry(self, state: RetryCallState, item: _Work, span: trace.Span) -> None:
         self.stats.retries += 1
         self.metrics.retries.add(1)
         error = state.outcome.exception() if state.outcome is not None else None
+        log = self._event_log(item.envelope, item.message, span, state.attempt_number)
         log.warning(
             "retrying",
             attempt=state.attempt_number,

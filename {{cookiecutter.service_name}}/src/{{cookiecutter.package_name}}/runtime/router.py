@@ -15,6 +15,7 @@ from .errors import DeadLetter, RetryLater
 
 M = TypeVar("M", bound=Message)
 Handler = Callable[[M, "Context"], Awaitable[None]]
+Logger = structlog.typing.FilteringBoundLogger
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,13 +52,14 @@ class Context:
         self,
         envelope: Envelope,
         attempt: int,
-        log: structlog.typing.FilteringBoundLogger,
+        log: structlog.typing.FilteringBoundLogger
+        | Callable[[], structlog.typing.FilteringBoundLogger],
         span: trace.Span | None = None,
         state: dict[str, Any] | None = None,
     ):
         self.envelope = envelope
         self.attempt = attempt
-        self.log = log
+        self._log = log
         self.span = span if span is not None else trace.INVALID_SPAN  # the consumer span
         self._emitted: list[Emitted] = []
         self._state = state
@@ -76,6 +78,14 @@ class Context:
                 "@router.handles(..., stateful=True)"
             )
         return self._state
+
+    @property
+    def log(self) -> Logger:
+        """A logger bound to this event (ids, type, source, subject, position, attempt,
+        trace); bound on first use, so handlers that do not log do not pay for it."""
+        if callable(self._log):
+            self._log = self._log()
+        return self._log
 
     @property
     def event_id(self) -> str:

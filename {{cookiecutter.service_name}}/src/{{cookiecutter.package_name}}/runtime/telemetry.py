@@ -127,6 +127,24 @@ def inject(headers: MutableMapping[str, str]) -> None:
     propagate.inject(headers)
 
 
+TRACE_HEADERS = ("traceparent", "tracestate")
+
+
+def tracing_enabled(provider: trace.TracerProvider | None = None) -> bool:
+    """False when no tracing SDK is configured: spans would all be no-ops, so the loop
+    skips them (and their per-message cost) entirely."""
+    chosen = provider if provider is not None else trace.get_tracer_provider()
+    return not isinstance(chosen, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+
+
+def pass_on(incoming: Mapping[str, str], outgoing: MutableMapping[str, str]) -> None:
+    """Without tracing, copy the incoming W3C trace context to an emitted event, so a
+    chain of services stays one trace across a service that does not trace."""
+    for name in TRACE_HEADERS:
+        if name in incoming:
+            outgoing[name] = incoming[name]
+
+
 def tracer(provider: trace.TracerProvider | None = None) -> trace.Tracer:
     """The runtime's tracer: from `provider`, else the global one (no-op until configured)."""
     return trace.get_tracer(INSTRUMENTATION, tracer_provider=provider)
