@@ -1,41 +1,79 @@
-"""The dedupe window: ids handled recently, bounded by count and by age."""
+"""The dedupe window: ids handled recently, bounded by count and by age.
+
+Memory is what bounds a window of a million ids, so ids are not kept as strings: each is
+a 128-bit BLAKE2b digest (an int, 44 bytes) in one set, and ids recorded together share a
+bucket holding their time. About 85 bytes per remembered id in all. A digest collision
+would need ~2^64 ids in one window; a false "duplicate" is not a practical risk.
+"""
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import deque
 from collections.abc import Iterable
+from hashlib import blake2b
+
+BUCKET_IDS = 1024  # ids per bucket at most: the age horizon drops whole buckets
+
+
+def _digest(event_id: str) -> int:
+    return int.from_bytes(blake2b(event_id.encode(), digest_size=16).digest(), "big")
+
+
+class _Bucket:
+    """Ids recorded within one second, oldest first; `at` is the newest time among them
+    (so a bucket leaves no earlier than its last id should); `start` skips trimmed ids."""
+
+    __slots__ = ("at", "ids", "start")
+
+    def __init__(self, at: float) -> None:
+        self.at = at
+        self.ids: list[int] = []
+        self.start = 0
 
 
 class DedupeWindow:
-    """Insertion-ordered ids with the time they were recorded; the oldest leave first."""
+    """Remembered ids, oldest leaving first: beyond `max_ids`, or older than `ttl_s`."""
 
     def __init__(self, max_ids: int, ttl_s: float) -> None:
         self.max_ids = max_ids
         self.ttl_s = ttl_s
-        self._seen: OrderedDict[str, float] = OrderedDict()
+        self._ids: set[int] = set()
+        self._buckets: deque[_Bucket] = deque()
 
     def __contains__(self, event_id: object) -> bool:
-        return event_id in self._seen
+        return isinstance(event_id, str) and _digest(event_id) in self._ids
 
     def __len__(self) -> int:
-        return len(self._seen)
+        return len(self._ids)
 
     def add(self, records: Iterable[tuple[str, float]], now: float) -> None:
+        """Remember (id, recorded_at) pairs, given oldest first (a batch, a restore)."""
+        ids, buckets = self._ids, self._buckets
         for event_id, recorded_at in records:
-            self._seen[event_id] = recorded_at
-            self._seen.move_to_end(event_id)
+            digest = _digest(event_id)
+            if digest in ids:
+                continue  # already remembered, from its first record
+            if (
+                not buckets
+                or len(buckets[-1].ids) >= BUCKET_IDS
+                or int(recorded_at) > int(buckets[-1].at)
+            ):
+                buckets.append(_Bucket(recorded_at))
+            bucket = buckets[-1]
+            bucket.ids.append(digest)
+            bucket.at = max(bucket.at, recorded_at)
+            ids.add(digest)
         self.expire(now)
 
     def expire(self, now: float) -> None:
-        seen = self._seen
-        while len(seen) > self.max_ids:
-            seen.popitem(last=False)
+        ids, buckets = self._ids, self._buckets
         oldest_allowed = now - self.ttl_s
-        while seen:
-            event_id, recorded_at = next(iter(seen.items()))
-            if recorded_at >= oldest_allowed:
-                break
-            del seen[event_id]
-
-    def items(self) -> list[tuple[str, float]]:
-        return list(self._seen.items())
+        while buckets and buckets[0].at < oldest_allowed:
+            bucket = buckets.popleft()
+            ids.difference_update(bucket.ids[bucket.start :])
+        while len(ids) > self.max_ids:
+            bucket = buckets[0]
+            ids.discard(bucket.ids[bucket.start])
+            bucket.start += 1
+            if bucket.start == len(bucket.ids):
+                buckets.popleft()
