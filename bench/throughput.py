@@ -377,7 +377,8 @@ async def faststream(run: str, name: str, total: int, policy: str) -> dict[str, 
 
 async def latency(run: str, name: str, rate: int) -> dict[str, Any]:
     """Publish at `rate` msg/s for 5 s while the loop (etcd state) runs; time each
-    message from its publish to its acknowledgement."""
+    message from its publish to its acknowledgement. Its own topic: nothing pre-loaded."""
+    run = f"{run}-latency"
     settings = settings_for(run, name, state_url=f"etcd://{ETCD}")
     os.environ[f"{config.ENV_PREFIX}ETCD_KEY_PREFIX"] = f"/bench-{run}"
     router = runtime.Router()
@@ -517,6 +518,7 @@ def main() -> None:
     for name in names:
         print(f"running {name} ...", file=sys.stderr)
         results[name] = run_child(run, name)
+        print(f"  {json.dumps(results[name])}", file=sys.stderr)
     print("running latency ...", file=sys.stderr)
     results["latency"] = run_child(run, "latency")
 

@@ -15,7 +15,8 @@ from hashlib import blake2b
 BUCKET_IDS = 1024  # ids per bucket at most: the age horizon drops whole buckets
 
 
-def _digest(event_id: str) -> int:
+def digest(event_id: str) -> int:
+    """The 128-bit form an id is remembered as."""
     return int.from_bytes(blake2b(event_id.encode(), digest_size=16).digest(), "big")
 
 
@@ -41,17 +42,23 @@ class DedupeWindow:
         self._buckets: deque[_Bucket] = deque()
 
     def __contains__(self, event_id: object) -> bool:
-        return isinstance(event_id, str) and _digest(event_id) in self._ids
+        return isinstance(event_id, str) and digest(event_id) in self._ids
+
+    def has(self, event_digest: int) -> bool:
+        return event_digest in self._ids
 
     def __len__(self) -> int:
         return len(self._ids)
 
     def add(self, records: Iterable[tuple[str, float]], now: float) -> None:
-        """Remember (id, recorded_at) pairs, given oldest first (a batch, a restore)."""
+        """Remember (id, recorded_at) pairs, given oldest first (a restore, a lookup)."""
+        self.remember(((digest(event_id), at) for event_id, at in records), now)
+
+    def remember(self, records: Iterable[tuple[int, float]], now: float) -> None:
+        """Remember (digest, recorded_at) pairs, given oldest first."""
         ids, buckets = self._ids, self._buckets
-        for event_id, recorded_at in records:
-            digest = _digest(event_id)
-            if digest in ids:
+        for event_digest, recorded_at in records:
+            if event_digest in ids:
                 continue  # already remembered, from its first record
             if (
                 not buckets
@@ -60,9 +67,9 @@ class DedupeWindow:
             ):
                 buckets.append(_Bucket(recorded_at))
             bucket = buckets[-1]
-            bucket.ids.append(digest)
+            bucket.ids.append(event_digest)
             bucket.at = max(bucket.at, recorded_at)
-            ids.add(digest)
+            ids.add(event_digest)
         self.expire(now)
 
     def expire(self, now: float) -> None:

@@ -41,7 +41,7 @@ from .brokers.base import (
     dead_letter_message,
 )
 from .config import Settings
-from .dedupe import DedupeWindow
+from .dedupe import DedupeWindow, digest
 from .envelope import Envelope, EnvelopeCodec, derive_event_id, event_type_of, now
 from .errors import DeadLetter, UndecodableEvent
 from .health import Heartbeat
@@ -123,6 +123,8 @@ class _Batch:
     outbound: list[OutboundMessage] = field(default_factory=list)
     dead: list[DeadLetterRecord] = field(default_factory=list)
     processed: dict[str, list[tuple[str, float]]] = field(default_factory=lambda: defaultdict(list))
+    digests: dict[str, list[tuple[int, float]]] = field(default_factory=lambda: defaultdict(list))
+    duplicates: int = 0
     states: dict[str, dict[str, KeyState]] = field(default_factory=lambda: defaultdict(dict))
     progress: dict[str, int] = field(default_factory=dict)
 
@@ -153,6 +155,7 @@ class ConsumerLoop:
         self.tracer = telemetry.tracer(tracer_provider)
         self._tracing = telemetry.tracing_enabled(tracer_provider)
         self.metrics = telemetry.LoopMetrics(meter_provider)
+        self._metering = telemetry.metrics_enabled(meter_provider)
         self._lag_checked_at = 0.0
         self._messaging_system = _messaging_system(settings.broker_url)
         self._windows: dict[str, DedupeWindow] = {}
@@ -246,6 +249,7 @@ class ConsumerLoop:
         await self._restore({message.stream for message in batch})
         await self._refresh({message.stream for message in batch if message.redelivered})
         result = _Batch()
+        handled_before, emitted_before = self.stats.handled, self.stats.emitted
         work = self._sort(batch, result)
         slots = await self._load_key_states(work)
         outcomes = await self._handle_groups(work, slots)
@@ -273,8 +277,12 @@ class ConsumerLoop:
         await self._until_done("ack", lambda: self.broker.ack(batch))
         self.stats.acked += len(batch)
         now_s = self.clock()
-        for stream, records in result.processed.items():
-            self._windows[stream].add(records, now_s)
+        for stream, digests in result.digests.items():
+            self._windows[stream].remember(digests, now_s)
+        self.stats.duplicates += result.duplicates
+        self.metrics.duplicates.add(result.duplicates)
+        self.metrics.handled.add(self.stats.handled - handled_before)
+        self.metrics.emitted.add(self.stats.emitted - emitted_before)
         self._progress.update(result.progress)
         for stream, states in result.states.items():
             self._remember_states(stream, states)
@@ -294,40 +302,45 @@ class ConsumerLoop:
     ) -> dict[tuple[str, str], list[_Work]]:
         """Decode and dedupe; group what must be handled by (stream, key), keeping order."""
         work: dict[tuple[str, str], list[_Work]] = defaultdict(list)
-        seen: set[tuple[str, str]] = set()
+        seen: set[tuple[str, int]] = set()
         recorded_at = self.clock()
+        max_bytes, decode, windows = (
+            self.settings.max_message_bytes,
+            self.codec.decode,
+            self._windows,
+        )
         for message in batch:
-            if message.stream in self._progress:  # exclusive: progress is checkpointed
-                done = self._progress[message.stream]
-                result.progress[message.stream] = max(
-                    result.progress.get(message.stream, done), message.position + 1
-                )
+            stream = message.stream
+            if stream in self._progress:  # exclusive: progress is checkpointed
+                done = self._progress[stream]
+                if message.position >= result.progress.get(stream, done):
+                    result.progress[stream] = message.position + 1
                 if message.position < done:  # handled and checkpointed before a crash
-                    self.stats.duplicates += 1
-                    self.metrics.duplicates.add(1)
+                    result.duplicates += 1
                     continue
-            if len(message.body) > self.settings.max_message_bytes:
-                size = f"{len(message.body)} bytes > {self.settings.max_message_bytes}"
+            if len(message.body) > max_bytes:
+                size = f"{len(message.body)} bytes > {max_bytes}"
                 result.dead.append(DeadLetterRecord(message, "oversized", size))
                 continue
             try:
-                envelope = self.codec.decode(message.body)
+                envelope = decode(message.body)
             except UndecodableEvent as error:
                 result.dead.append(DeadLetterRecord(message, error.reason, error.detail))
                 continue
-            identity = (message.stream, envelope.id)
-            if envelope.id in self._windows[message.stream] or identity in seen:
-                self.stats.duplicates += 1
-                self.metrics.duplicates.add(1)
+            event_digest = digest(envelope.id)
+            identity = (stream, event_digest)
+            if windows[stream].has(event_digest) or identity in seen:
+                result.duplicates += 1
                 continue
             seen.add(identity)
-            result.processed[message.stream].append((envelope.id, recorded_at))
+            result.processed[stream].append((envelope.id, recorded_at))
+            result.digests[stream].append((event_digest, recorded_at))
             spec = self.router.get(envelope.type)
             if spec is None or envelope.payload is None:
                 result.dead.append(DeadLetterRecord(message, "unknown-type", envelope.type))
                 continue
             key = envelope.subject or message.key or envelope.id
-            work[(message.stream, key)].append(_Work(message, envelope, spec))
+            work[(stream, key)].append(_Work(message, envelope, spec))
         return work
 
     async def _load_key_states(
@@ -392,7 +405,7 @@ class ConsumerLoop:
         for item in items:
             if slot is not None and item.envelope.id in slot.stored.applied:
                 self.stats.duplicates += 1
-                self.metrics.duplicates.add(1)
+                self.metrics.duplicates.add(1)  # rare: not counted with the batch's
                 outcomes.append(None)
                 continue
             outcomes.append(await self._handle(item, slot))
@@ -457,6 +470,9 @@ class ConsumerLoop:
         state = slot.begin() if slot is not None and item.spec.stateful else None
         log = partial(self._event_log, item.envelope, item.message, span, number)
         context = Context(item.envelope, number, log, span, state)
+        if not self._metering:
+            await item.spec.handler(item.envelope.payload, context)
+            return context, state
         started = time.perf_counter()
         try:
             await item.spec.handler(item.envelope.payload, context)
@@ -569,8 +585,6 @@ class ConsumerLoop:
             return
         self.stats.handled += 1
         self.stats.emitted += len(outcome)
-        self.metrics.handled.add(1)
-        self.metrics.emitted.add(len(outcome))
         result.outbound.extend(self._to_outbound(item.envelope, emitted) for emitted in outcome)
 
     def _to_outbound(self, parent: Envelope, emitted: Emitted) -> OutboundMessage:

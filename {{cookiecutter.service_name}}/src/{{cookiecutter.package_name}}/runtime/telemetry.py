@@ -137,6 +137,14 @@ def tracing_enabled(provider: trace.TracerProvider | None = None) -> bool:
     return not isinstance(chosen, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
 
 
+def metrics_enabled(provider: metrics.MeterProvider | None = None) -> bool:
+    """False when no metrics SDK is configured: per-message timings would be discarded."""
+    from opentelemetry.sdk.metrics import MeterProvider
+
+    chosen = provider if provider is not None else metrics.get_meter_provider()
+    return isinstance(chosen, MeterProvider)
+
+
 def pass_on(incoming: Mapping[str, str], outgoing: MutableMapping[str, str]) -> None:
     """Without tracing, copy the incoming W3C trace context to an emitted event, so a
     chain of services stays one trace across a service that does not trace."""

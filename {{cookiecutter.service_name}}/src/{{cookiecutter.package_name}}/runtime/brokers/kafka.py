@@ -175,17 +175,18 @@ class KafkaBroker(Broker):
         )
         batch: list[InboundMessage] = []
         for partition, messages in records.items():
-            offsets = self._offsets[partition]
+            delivered = self._offsets[partition].delivered
+            stream = stream_of(partition.topic, partition.partition)
             for record in messages:
-                offsets.delivered.append(record.offset)
+                delivered.append(record.offset)
                 batch.append(
                     InboundMessage(
                         body=record.value or b"",
-                        topic=record.topic,
-                        stream=stream_of(record.topic, record.partition),
+                        topic=partition.topic,
+                        stream=stream,
                         position=record.offset,
                         key=record.key.decode("utf-8", "backslashreplace") if record.key else None,
-                        headers=text_headers(record.headers),
+                        headers=text_headers(record.headers) if record.headers else {},
                         handle=partition,
                     )
                 )
