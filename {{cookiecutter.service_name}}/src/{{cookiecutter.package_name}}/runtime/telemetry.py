@@ -117,8 +117,19 @@ def shutdown_telemetry() -> None:
             shutdown()
 
 
-def extract(headers: Mapping[str, str]) -> TraceContext:
-    """The trace context a message carries in its headers (W3C traceparent)."""
+def propagation_fields() -> frozenset[str]:
+    """Header names the configured propagators read (traceparent, tracestate, baggage...)."""
+    return frozenset(propagate.get_global_textmap().fields)
+
+
+def extract(
+    headers: Mapping[str, str], fields: frozenset[str] | None = None
+) -> TraceContext | None:
+    """The trace context a message carries in its headers (W3C traceparent, or what
+    OTEL_PROPAGATORS names); None, cheaply, when it carries none of `fields`."""
+    names = propagation_fields() if fields is None else fields
+    if not any(name in headers for name in names):
+        return None
     return propagate.extract(headers)
 
 

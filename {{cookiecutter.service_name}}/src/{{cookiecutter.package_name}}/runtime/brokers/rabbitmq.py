@@ -120,6 +120,7 @@ class RabbitMQBroker(Broker):
         log.warning("reconnected; dropped deliveries of the old channel", dropped=stale)
 
     async def fetch(self, max_messages: int, max_wait_s: float) -> list[InboundMessage]:
+        """Deliveries of an open channel only (a reconnect also swaps the buffer)."""
         buffer = self._buffer
         deliveries: list[AbstractIncomingMessage] = []
         try:
@@ -128,24 +129,31 @@ class RabbitMQBroker(Broker):
             return []
         while len(deliveries) < max_messages and not buffer.empty():
             deliveries.append(buffer.get_nowait())
-        return [
-            InboundMessage(
-                body=delivery.body,
-                topic=delivery.routing_key or "",
-                stream=self.settings.consumer_group,
-                position=delivery.delivery_tag or 0,
-                key=_text(delivery.headers.get(KEY_HEADER)),
-                headers={
-                    name: text
-                    for name, value in delivery.headers.items()
-                    if (text := _text(value)) is not None
-                },
-                redelivered=bool(delivery.redelivered),
-                handle=delivery,
+        if not _channel_open(deliveries[-1]):  # one buffer, one channel: check one
+            deliveries = [delivery for delivery in deliveries if _channel_open(delivery)]
+        stream = self.settings.consumer_group
+        batch = []
+        for delivery in deliveries:
+            headers = delivery.headers
+            batch.append(
+                InboundMessage(
+                    body=delivery.body,
+                    topic=delivery.routing_key or "",
+                    stream=stream,
+                    position=delivery.delivery_tag or 0,
+                    key=_text(headers.get(KEY_HEADER)),
+                    headers={
+                        name: text
+                        for name, value in headers.items()
+                        if (text := _text(value)) is not None
+                    }
+                    if headers
+                    else {},
+                    redelivered=bool(delivery.redelivered),
+                    handle=delivery,
+                )
             )
-            for delivery in deliveries
-            if _channel_open(delivery)
-        ]
+        return batch
 
     async def publish(self, messages: Sequence[OutboundMessage]) -> None:
         if self._exchange is None or self._dead_letters is None:
