@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole benchmark in one command, on this machine's loopback servers:
-#   bash bench/run.sh [--events 100000]
+#   bash bench/run.sh [--events 100000] [--rounds 2]     (arguments go to throughput.py)
+# BENCH_IDS (default 1000000) and BENCH_SECONDS (4) size the state-store part.
 # Starts the servers (scripts/servers.sh) unless they run already, bakes a Kafka and a
 # RabbitMQ service, installs FastStream beside each (benchmark only), runs
 # bench/throughput.py for both brokers, then bench/state_bench.py (memory per remembered
@@ -19,9 +20,10 @@ mkdir -p "$root/build/bench"
 rm -f "$root/build/bench/results.json"
 for broker in kafka rabbitmq; do
     service_dir="$(bash "$root/scripts/bake.sh" "bench-$broker" service_name=bench-service "broker=$broker")"
-    (cd "$service_dir" && uv pip install --quiet "$FASTSTREAM")
+    (cd "$service_dir" && uv pip install --quiet --python .venv/bin/python "$FASTSTREAM")
     (cd "$service_dir" && .venv/bin/python "$root/bench/throughput.py" bench_service "$broker" \
         --json "$root/build/bench/results.json" "$@")
 done
 (cd "$root/build/bench-kafka/bench-service" && .venv/bin/python "$root/bench/state_bench.py" \
-    bench_service --ids 1000000 --json "$root/build/bench/state.json")
+    bench_service --ids "${BENCH_IDS:-1000000}" --seconds "${BENCH_SECONDS:-4}" \
+    --json "$root/build/bench/state.json")

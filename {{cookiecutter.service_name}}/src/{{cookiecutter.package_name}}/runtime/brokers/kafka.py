@@ -49,6 +49,9 @@ class KafkaSettings(BaseSettings):
     kafka_replication_factor: int = Field(1, gt=0, description="Replicas of created topics")
     kafka_session_timeout_ms: int = Field(10_000, gt=0, description="Group session timeout")
     kafka_heartbeat_interval_ms: int = Field(3_000, gt=0, description="Group heartbeat interval")
+    kafka_fetch_max_wait_ms: int = Field(
+        100, ge=0, description="Longest a fetch waits at the broker for data (latency when quiet)"
+    )
 
     @model_validator(mode="after")
     def _sasl_needs_credentials(self) -> KafkaSettings:
@@ -136,6 +139,7 @@ class KafkaBroker(Broker):
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=self.settings.batch_size,
+            fetch_max_wait_ms=self.kafka.kafka_fetch_max_wait_ms,
             session_timeout_ms=self.kafka.kafka_session_timeout_ms,
             heartbeat_interval_ms=self.kafka.kafka_heartbeat_interval_ms,
         )
