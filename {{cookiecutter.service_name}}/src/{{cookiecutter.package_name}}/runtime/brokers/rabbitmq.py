@@ -179,13 +179,17 @@ class RabbitMQBroker(Broker):
             raise BrokerUnavailable(f"rabbitmq publish failed: {error!r}") from error
 
     async def ack(self, messages: Sequence[InboundMessage]) -> None:
-        live = [m for m in messages if _channel_open(m.handle)]
-        if len(live) < len(messages):
+        if not messages:
+            return
+        live = list(messages)
+        # The first delivery's channel still open means no reconnect since: one channel.
+        if not _channel_open(messages[0].handle):
+            live = [m for m in messages if _channel_open(m.handle)]
             log.warning(
                 "not acking deliveries of a closed channel", count=len(messages) - len(live)
             )
-        if not live:
-            return
+            if not live:
+                return
         # Deliveries arrive in tag order and batches are acked whole, so every tag up to
         # the highest of this batch belongs to it (or was acked before): one multiple-ack.
         last = max(live, key=lambda message: message.position)
