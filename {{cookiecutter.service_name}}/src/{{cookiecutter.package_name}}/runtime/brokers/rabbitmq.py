@@ -123,10 +123,12 @@ class RabbitMQBroker(Broker):
         """Deliveries of an open channel only (a reconnect also swaps the buffer)."""
         buffer = self._buffer
         deliveries: list[AbstractIncomingMessage] = []
-        try:
-            deliveries.append(await asyncio.wait_for(buffer.get(), max_wait_s))
-        except TimeoutError:
-            return []
+        if buffer.empty():  # wait only when nothing is there (no task per call)
+            try:
+                async with asyncio.timeout(max_wait_s):
+                    deliveries.append(await buffer.get())
+            except TimeoutError:
+                return []
         while len(deliveries) < max_messages and not buffer.empty():
             deliveries.append(buffer.get_nowait())
         if not _channel_open(deliveries[-1]):  # one buffer, one channel: check one
