@@ -125,6 +125,8 @@ class _Batch:
     dead: list[DeadLetterRecord] = field(default_factory=list)
     processed: dict[str, list[tuple[str, float]]] = field(default_factory=lambda: defaultdict(list))
     digests: dict[str, list[tuple[int, float]]] = field(default_factory=lambda: defaultdict(list))
+    handled: int = 0
+    emitted: int = 0
     duplicates: int = 0
     states: dict[str, dict[str, KeyState]] = field(default_factory=lambda: defaultdict(dict))
     progress: dict[str, int] = field(default_factory=dict)
@@ -251,7 +253,6 @@ class ConsumerLoop:
         await self._restore({message.stream for message in batch})
         await self._refresh({message.stream for message in batch if message.redelivered})
         result = _Batch()
-        handled_before, emitted_before = self.stats.handled, self.stats.emitted
         work = self._sort(batch, result)
         slots = await self._load_key_states(work)
         outcomes = await self._handle_groups(work, slots)
@@ -277,14 +278,20 @@ class ConsumerLoop:
             await self._until_done("checkpoint", lambda: self._commit(result))
             self.metrics.checkpoint_duration.record(time.perf_counter() - started)
         await self._until_done("ack", lambda: self.broker.ack(batch))
-        self.stats.acked += len(batch)
+        self._after_ack(len(batch), result)
+
+    def _after_ack(self, acked: int, result: _Batch) -> None:
+        """The batch is durable and acked: remember it, count it, report what was parked."""
         now_s = self.clock()
         for stream, digests in result.digests.items():
             self._windows[stream].remember(digests, now_s)
+        self.stats.acked += acked
+        self.stats.handled += result.handled
+        self.stats.emitted += result.emitted
         self.stats.duplicates += result.duplicates
+        self.metrics.handled.add(result.handled)
+        self.metrics.emitted.add(result.emitted)
         self.metrics.duplicates.add(result.duplicates)
-        self.metrics.handled.add(self.stats.handled - handled_before)
-        self.metrics.emitted.add(self.stats.emitted - emitted_before)
         self._progress.update(result.progress)
         for stream, states in result.states.items():
             self._remember_states(stream, states)
@@ -598,8 +605,8 @@ class ConsumerLoop:
         if isinstance(outcome, DeadLetterRecord):
             result.dead.append(outcome)
             return
-        self.stats.handled += 1
-        self.stats.emitted += len(outcome)
+        result.handled += 1
+        result.emitted += len(outcome)
         result.outbound.extend(self._to_outbound(item.envelope, emitted) for emitted in outcome)
 
     def _to_outbound(self, parent: Envelope, emitted: Emitted) -> OutboundMessage:
