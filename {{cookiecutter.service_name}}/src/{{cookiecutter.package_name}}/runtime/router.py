@@ -52,8 +52,7 @@ class Context:
         self,
         envelope: Envelope,
         attempt: int,
-        log: structlog.typing.FilteringBoundLogger
-        | Callable[[], structlog.typing.FilteringBoundLogger],
+        log: Logger | Callable[[], Logger],
         span: trace.Span | None = None,
         state: dict[str, Any] | None = None,
     ):

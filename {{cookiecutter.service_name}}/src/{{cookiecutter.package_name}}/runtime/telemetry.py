@@ -138,9 +138,6 @@ def inject(headers: MutableMapping[str, str]) -> None:
     propagate.inject(headers)
 
 
-TRACE_HEADERS = ("traceparent", "tracestate")
-
-
 def tracing_enabled(provider: trace.TracerProvider | None = None) -> bool:
     """False when no tracing SDK is configured: spans would all be no-ops, so the loop
     skips them (and their per-message cost) entirely."""
@@ -156,10 +153,12 @@ def metrics_enabled(provider: metrics.MeterProvider | None = None) -> bool:
     return isinstance(chosen, MeterProvider)
 
 
-def pass_on(incoming: Mapping[str, str], outgoing: MutableMapping[str, str]) -> None:
-    """Without tracing, copy the incoming W3C trace context to an emitted event, so a
-    chain of services stays one trace across a service that does not trace."""
-    for name in TRACE_HEADERS:
+def pass_on(
+    incoming: Mapping[str, str], outgoing: MutableMapping[str, str], fields: frozenset[str]
+) -> None:
+    """Without tracing, copy the incoming trace context (the propagators' `fields`) to an
+    emitted event, so a chain of services stays one trace across one that does not trace."""
+    for name in fields:
         if name in incoming:
             outgoing[name] = incoming[name]
 
