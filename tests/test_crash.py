@@ -2,7 +2,7 @@
 
 Proves, per broker: no event is lost (each is handled or parked in the dead-letter
 destination), producer duplicates after recovery are not handled again, and re-handled
-events are only those in flight at a kill (at most BATCH_SIZE per kill). The driver
+events are only those in flight at a kill (at most 2 x BATCH_SIZE per kill). The driver
 (tests/crash/driver.py) prints its figures; they are echoed here with `-s`.
 """
 

@@ -210,7 +210,8 @@ async def main() -> dict[str, Any]:
         "batch_size": BATCH_SIZE,
         "missing": len(set(ids) - set(final)),
         "rehandled_at_kills": sum(count - 1 for count in after_kills.values()),
-        "rehandled_bound": len(kill_after) * BATCH_SIZE,
+        # In flight at a kill: a batch being made durable and the next one being handled.
+        "rehandled_bound": len(kill_after) * 2 * BATCH_SIZE,
         "duplicates_after_recovery": len(duplicates),
         "duplicates_rehandled": sum(final[e] - after_kills[e] for e, _ in duplicates),
         "sentinels_handled": sum(final[s] for s, _ in sentinels),

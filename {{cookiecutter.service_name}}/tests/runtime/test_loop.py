@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 from google.protobuf.wrappers_pb2 import Int64Value, StringValue
@@ -81,6 +82,40 @@ async def test_ack_comes_after_publish_and_checkpoint() -> None:
         assert journal.entries[index - 1] == "checkpoint"
         assert journal.entries[index - 2].startswith("publish:")
     assert len(bus.messages("google.protobuf.Int64Value")) == 6
+
+
+async def test_next_batch_is_handled_while_the_last_is_made_durable() -> None:
+    """Batches overlap by one: the next is handled during the last one's checkpoint, knows
+    its ids already (the same event again is a duplicate), and nothing is acked before its
+    own checkpoint."""
+    bus = MemoryBus()
+    settings = fast_settings()
+    handled: list[str] = []
+    router = echo_router(handled)
+    bus.bind(settings.consumer_group, router.event_types())
+    release = asyncio.Event()
+    commits = 0
+
+    class SlowStore(MemoryStateStore):
+        async def commit(self, stream: str, processed: Any, fence: int | None, **more: Any) -> None:
+            nonlocal commits
+            commits += 1
+            await release.wait()
+            await super().commit(stream, processed, fence, **more)
+
+    first = await publish_to(bus, router, StringValue(value="first"))
+    running = RunningLoop(make_loop(router, bus, SlowStore(1000, 3600, time.time), settings))
+    await running.wait_until(lambda: commits == 1)  # first handled; its checkpoint waits
+    await publish_to(bus, router, StringValue(value="first"), event_id=first)
+    await publish_to(bus, router, StringValue(value="second"))
+    await running.wait_until(lambda: handled == ["first", "second"])
+    assert running.loop.stats.received == 3
+    assert bus.pending(settings.consumer_group) == 3  # handled, none acked
+    release.set()
+    await running.wait_until(lambda: bus.pending(settings.consumer_group) == 0)
+    stats = await running.stop_gracefully()
+    assert handled == ["first", "second"]
+    assert stats.duplicates == 1
 
 
 async def test_unfinished_handler_is_redelivered_after_a_crash() -> None:
@@ -232,21 +267,33 @@ async def test_dead_letter_exception_skips_retries() -> None:
     assert [p.headers[DLQ_REASON] for p in service.dead_letters] == ["bad-command"]
 
 
+class Overlap:
+    """How many handlers run at once, and the most that ever did."""
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.most = 0
+
+    async def run(self, work: Awaitable[None]) -> None:
+        self.active += 1
+        self.most = max(self.most, self.active)
+        try:
+            await work
+        finally:
+            self.active -= 1
+
+
 async def test_same_key_in_order_different_keys_concurrently() -> None:
     order: dict[str, list[int]] = {"a": [], "b": []}
-    active = 0
-    most_active = 0
+    overlap = Overlap()
     router = Router()
 
     @router.handles(StringValue)
     async def handle(event: StringValue, ctx: Context) -> None:
-        nonlocal active, most_active
-        active += 1
-        most_active = max(most_active, active)
         key, number = event.value.split(":")
-        await asyncio.sleep(0.002 * (int(number) % 3))  # later events may finish first
+        # Later events may finish first.
+        await overlap.run(asyncio.sleep(0.002 * (int(number) % 3)))
         order[key].append(int(number))
-        active -= 1
 
     service = ServiceHarness(router, **FAST)
     for number in range(20):
@@ -254,7 +301,23 @@ async def test_same_key_in_order_different_keys_concurrently() -> None:
             await service.publish(StringValue(value=f"{key}:{number}"), key=key)
     await service.run_until_idle()
     assert order == {"a": list(range(20)), "b": list(range(20))}
-    assert most_active == 2
+    assert overlap.most == 2
+
+
+async def test_keys_handled_at_once_stay_within_max_concurrency() -> None:
+    overlap = Overlap()
+    router = Router()
+
+    @router.handles(StringValue)
+    async def handle(event: StringValue, ctx: Context) -> None:
+        await overlap.run(asyncio.sleep(0.002))
+
+    service = ServiceHarness(router, **{**FAST, "max_concurrency": 3})
+    for number in range(12):
+        await service.publish(StringValue(value=str(number)), key=f"key-{number}")
+    stats = await service.run_until_idle()
+    assert stats.handled == 12
+    assert overlap.most == 3
 
 
 async def test_bus_outage_delays_the_ack_and_loses_nothing() -> None:

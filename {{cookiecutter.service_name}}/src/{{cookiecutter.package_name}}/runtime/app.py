@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import time
 from collections.abc import Callable
@@ -51,6 +52,22 @@ def build_loop(
         tracer_provider=tracer_provider,
         meter_provider=meter_provider,
     )
+
+
+# Young objects collected every 10,000 net allocations instead of 700: the loop allocates
+# a few dozen short-lived objects per event, nearly all freed by reference counting, and
+# at the default the collector took a sixth of the process's time under load.
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def tune_garbage_collection() -> None:
+    """For a long-running consumer, once everything is imported and built: what exists now
+    lives as long as the process, so the collector stops scanning it (gc.freeze), and it
+    runs less often. Cycles are still collected, only in larger rounds."""
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
 async def run_until_signalled(loop: ConsumerLoop) -> LoopStats:

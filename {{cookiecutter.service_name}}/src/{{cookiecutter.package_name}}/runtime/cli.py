@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from google.protobuf import json_format
 
 from .. import SERVICE_NAME
-from .app import build_loop, event_registry, run_until_signalled
+from .app import build_loop, event_registry, run_until_signalled, tune_garbage_collection
 from .brokers import open_broker
 from .brokers.base import OutboundMessage
 from .config import ENV_PREFIX, Settings, load_settings, reference
@@ -79,6 +79,7 @@ def _run(settings: Settings) -> int:
     configure_logging(settings)
     configure_telemetry()
     loop = build_loop(settings, router, heartbeat=Heartbeat(settings.heartbeat_file))
+    tune_garbage_collection()
     try:
         asyncio.run(run_until_signalled(loop))
     finally:

@@ -9,8 +9,9 @@ would need ~2^64 ids in one window; a false "duplicate" is not a practical risk.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from hashlib import blake2b
+from itertools import groupby
 
 BUCKET_IDS = 1024  # ids per bucket at most: the age horizon drops whole buckets
 
@@ -52,14 +53,22 @@ class DedupeWindow:
 
     def add(self, records: Iterable[tuple[str, float]], now: float) -> None:
         """Remember (id, recorded_at) pairs, given oldest first (a restore, a lookup)."""
-        self.remember(((digest(event_id), at) for event_id, at in records), now)
+        for _, same_second in groupby(records, key=lambda record: int(record[1])):
+            pairs = list(same_second)
+            self._put([digest(event_id) for event_id, _ in pairs], max(at for _, at in pairs))
+        self.expire(now)
 
-    def remember(self, records: Iterable[tuple[int, float]], now: float) -> None:
-        """Remember (digest, recorded_at) pairs, given oldest first."""
+    def remember(self, digests: Sequence[int], recorded_at: float, now: float) -> None:
+        """Remember digests recorded together (one batch of one stream)."""
+        self._put(digests, recorded_at)
+        self.expire(now)
+
+    def _put(self, digests: Sequence[int], recorded_at: float) -> None:
         ids, buckets = self._ids, self._buckets
-        for event_digest, recorded_at in records:
-            if event_digest in ids:
-                continue  # already remembered, from its first record
+        fresh = [event_digest for event_digest in dict.fromkeys(digests) if event_digest not in ids]
+        ids.update(fresh)
+        start = 0
+        while start < len(fresh):
             if (
                 not buckets
                 or len(buckets[-1].ids) >= BUCKET_IDS
@@ -67,10 +76,10 @@ class DedupeWindow:
             ):
                 buckets.append(_Bucket(recorded_at))
             bucket = buckets[-1]
-            bucket.ids.append(event_digest)
+            end = start + BUCKET_IDS - len(bucket.ids)
+            bucket.ids.extend(fresh[start:end])
             bucket.at = max(bucket.at, recorded_at)
-            ids.add(event_digest)
-        self.expire(now)
+            start = end
 
     def expire(self, now: float) -> None:
         ids, buckets = self._ids, self._buckets

@@ -6,7 +6,6 @@ import importlib
 import pkgutil
 import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import ModuleType
 from typing import Protocol
@@ -39,17 +38,82 @@ def event_type_of(message: Message | type[Message]) -> str:
     return str(message.DESCRIPTOR.full_name)
 
 
-@dataclass(frozen=True, slots=True)
 class Envelope:
-    """One event: CloudEvents attributes plus the decoded payload (None for unknown types)."""
+    """One event: CloudEvents attributes plus the decoded payload (None for unknown types).
 
-    id: str
-    type: str
-    source: str
-    payload: Message | None = None
-    subject: str = ""
-    time: datetime | None = None
-    extensions: Mapping[str, str] = field(default_factory=dict)
+    Read-only by contract. A decoded event's `time` and `extensions` are read from its
+    bytes on first use: the loop never needs them, and most handlers do not either. (Only
+    the bytes are kept meanwhile: holding the parsed message costs more than parsing again.)
+    """
+
+    __slots__ = ("_extensions", "_time", "_wire", "id", "payload", "source", "subject", "type")
+
+    def __init__(
+        self,
+        id: str,
+        type: str,
+        source: str,
+        payload: Message | None = None,
+        subject: str = "",
+        time: datetime | None = None,
+        extensions: Mapping[str, str] | None = None,
+    ) -> None:
+        self.id = id
+        self.type = type
+        self.source = source
+        self.payload = payload
+        self.subject = subject
+        self._time = time
+        self._extensions: Mapping[str, str] = {} if extensions is None else extensions
+        self._wire: bytes | None = None
+
+    @property
+    def time(self) -> datetime | None:
+        if self._wire is not None:
+            self._read_wire()
+        return self._time
+
+    @property
+    def extensions(self) -> Mapping[str, str]:
+        if self._wire is not None:
+            self._read_wire()
+        return self._extensions
+
+    def _read_wire(self) -> None:
+        data, self._wire = self._wire, None
+        assert data is not None
+        attributes = _CloudEvent.FromString(data).attributes
+        stamp = attributes.get("time")
+        if stamp is not None and stamp.HasField("ce_timestamp"):
+            self._time = _to_datetime(stamp.ce_timestamp)
+        self._extensions = {
+            name: _attribute_text(value)
+            for name, value in attributes.items()
+            if name not in _KNOWN_ATTRIBUTES
+        }
+
+    def _fields(self) -> tuple[object, ...]:
+        return (
+            self.id,
+            self.type,
+            self.source,
+            self.payload,
+            self.subject,
+            self.time,
+            dict(self.extensions),
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Envelope):
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    __hash__ = None  # type: ignore[assignment]  # payloads are mutable messages
+
+    def __repr__(self) -> str:
+        names = ("id", "type", "source", "payload", "subject", "time", "extensions")
+        shown = ", ".join(f"{n}={v!r}" for n, v in zip(names, self._fields(), strict=True))
+        return f"Envelope({shown})"
 
 
 class TypeRegistry:
@@ -129,50 +193,39 @@ class CloudEventsProtobufCodec:
             event.ParseFromString(data)
         except DecodeError as error:
             raise UndecodableEvent("undecodable", f"not a CloudEvent protobuf: {error}") from None
-        if event.spec_version != SPEC_VERSION or not event.id or not event.type:
+        event_id, event_type = event.id, event.type
+        if not event_id or not event_type or event.spec_version != SPEC_VERSION:
             raise UndecodableEvent(
                 "invalid-envelope",
                 f"needs id, type and specversion {SPEC_VERSION} "
-                f"(got id={event.id!r} type={event.type!r} specversion={event.spec_version!r})",
+                f"(got id={event_id!r} type={event_type!r} specversion={event.spec_version!r})",
             )
-        attributes = event.attributes
-        # Direct lookups for the attributes every event has; a loop only for extensions.
-        subject = attributes["subject"].ce_string if "subject" in attributes else ""
-        time: datetime | None = None
-        if "time" in attributes and attributes["time"].HasField("ce_timestamp"):
-            time = _to_datetime(attributes["time"].ce_timestamp)
-        extensions: dict[str, str] = {}
-        if len(attributes) > sum(name in attributes for name in _KNOWN_ATTRIBUTES):
-            extensions = {
-                name: _attribute_text(value)
-                for name, value in attributes.items()
-                if name not in _KNOWN_ATTRIBUTES
-            }
-        return Envelope(
-            id=event.id,
-            type=event.type,
-            source=event.source,
-            payload=self._unpack(event),
-            subject=subject,
-            time=time,
-            extensions=extensions,
+        subject = event.attributes.get("subject")
+        envelope = Envelope(
+            event_id,
+            event_type,
+            event.source,
+            self._unpack(event, event_type),
+            subject.ce_string if subject is not None else "",
         )
+        envelope._wire = data
+        return envelope
 
-    def _unpack(self, event: cloudevents_pb2.CloudEvent) -> Message | None:
-        message_type = self.registry.get(event.type)
+    def _unpack(self, event: cloudevents_pb2.CloudEvent, event_type: str) -> Message | None:
+        message_type = self.registry.get(event_type)
         if message_type is None:
             return None  # the loop dead-letters unknown types; decoding itself succeeded
-        if event.WhichOneof("data") != "proto_data":
-            raise UndecodableEvent("schema-mismatch", f"{event.type} carries no protobuf payload")
-        packed: any_pb2.Any = event.proto_data
-        if packed.type_url.rpartition("/")[2] != event.type:  # any type URL prefix
-            raise UndecodableEvent(
-                "schema-mismatch", f"type {event.type} but payload is {packed.type_url}"
-            )
+        packed: any_pb2.Any = event.proto_data  # an empty Any if the data is not protobuf
+        if packed.type_url.rpartition("/")[2] != event_type:  # any type URL prefix
+            if event.WhichOneof("data") != "proto_data":
+                detail = f"{event_type} carries no protobuf payload"
+            else:
+                detail = f"type {event_type} but payload is {packed.type_url}"
+            raise UndecodableEvent("schema-mismatch", detail)
         try:
             return message_type.FromString(packed.value)
         except DecodeError as error:
-            raise UndecodableEvent("schema-mismatch", f"{event.type}: {error}") from None
+            raise UndecodableEvent("schema-mismatch", f"{event_type}: {error}") from None
 
 
 def _to_datetime(timestamp: timestamp_pb2.Timestamp) -> datetime:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 # Headers on dead-lettered messages (the body is the original bytes, unchanged).
@@ -13,6 +14,9 @@ DLQ_ERROR = "x-dead-letter-error"
 DLQ_ORIGIN = "x-dead-letter-origin"
 DLQ_SERVICE = "x-dead-letter-service"
 MAX_ERROR_HEADER = 1024
+
+
+NO_HEADERS: Mapping[str, str] = MappingProxyType({})  # shared by every message without any
 
 
 class BrokerUnavailable(Exception):

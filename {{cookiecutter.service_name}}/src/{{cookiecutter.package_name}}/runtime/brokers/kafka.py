@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from collections.abc import Sequence
+from itertools import groupby
+from operator import attrgetter
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -23,6 +25,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from ..config import ENV_PREFIX, Settings, load_model
 from ..logs import get_logger
 from .base import (
+    NO_HEADERS,
     Broker,
     BrokerUnavailable,
     InboundMessage,
@@ -179,21 +182,21 @@ class KafkaBroker(Broker):
         )
         batch: list[InboundMessage] = []
         for partition, messages in records.items():
-            delivered = self._offsets[partition].delivered
-            stream = stream_of(partition.topic, partition.partition)
-            for record in messages:
-                delivered.append(record.offset)
-                batch.append(
-                    InboundMessage(
-                        body=record.value or b"",
-                        topic=partition.topic,
-                        stream=stream,
-                        position=record.offset,
-                        key=record.key.decode("utf-8", "backslashreplace") if record.key else None,
-                        headers=text_headers(record.headers) if record.headers else {},
-                        handle=partition,
-                    )
+            self._offsets[partition].delivered.extend(record.offset for record in messages)
+            topic, stream = partition.topic, stream_of(partition.topic, partition.partition)
+            batch.extend(
+                InboundMessage(
+                    record.value or b"",
+                    topic,
+                    stream,
+                    record.offset,
+                    record.key.decode("utf-8", "backslashreplace") if record.key else None,
+                    text_headers(record.headers) if record.headers else NO_HEADERS,
+                    False,
+                    partition,
                 )
+                for record in messages
+            )
         if batch:
             self._idle.clear()
         return batch
@@ -216,8 +219,8 @@ class KafkaBroker(Broker):
 
     async def ack(self, messages: Sequence[InboundMessage]) -> None:
         assert self._consumer is not None
-        for message in messages:
-            self._offsets[message.handle].finished.add(message.position)
+        for partition, acked in groupby(messages, key=attrgetter("handle")):
+            self._offsets[partition].finished.update(message.position for message in acked)
         commits: dict[TopicPartition, int] = {}
         assigned = self._consumer.assignment()
         for partition, offsets in list(self._offsets.items()):

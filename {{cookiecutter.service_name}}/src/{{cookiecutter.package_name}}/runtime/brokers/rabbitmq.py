@@ -25,7 +25,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ..config import ENV_PREFIX, Settings, load_model
 from ..logs import get_logger
-from .base import Broker, BrokerUnavailable, InboundMessage, OutboundMessage
+from .base import NO_HEADERS, Broker, BrokerUnavailable, InboundMessage, OutboundMessage
 from .tls import tls_context
 
 log = get_logger(component="rabbitmq")
@@ -139,20 +139,20 @@ class RabbitMQBroker(Broker):
             headers = delivery.headers
             batch.append(
                 InboundMessage(
-                    body=delivery.body,
-                    topic=delivery.routing_key or "",
-                    stream=stream,
-                    position=delivery.delivery_tag or 0,
-                    key=_text(headers.get(KEY_HEADER)),
-                    headers={
+                    delivery.body,
+                    delivery.routing_key or "",
+                    stream,
+                    delivery.delivery_tag or 0,
+                    _text(headers.get(KEY_HEADER)),
+                    {
                         name: text
                         for name, value in headers.items()
                         if (text := _text(value)) is not None
                     }
                     if headers
-                    else {},
-                    redelivered=bool(delivery.redelivered),
-                    handle=delivery,
+                    else NO_HEADERS,
+                    bool(delivery.redelivered),
+                    delivery,
                 )
             )
         return batch
