@@ -47,7 +47,7 @@ parser.add_argument("broker", choices=["kafka", "rabbitmq"])
 parser.add_argument("--events", type=int, default=100_000)
 parser.add_argument("--json", type=Path, default=None)
 parser.add_argument("--latency-rate", type=int, default=2000, help="msg/s for the latency run")
-parser.add_argument("--rounds", type=int, default=2, help="runs per contestant; the best counts")
+parser.add_argument("--rounds", type=int, default=3, help="runs per contestant; the best counts")
 parser.add_argument("--contestant", default=None, help=argparse.SUPPRESS)  # child process
 parser.add_argument("--run", default=None, help=argparse.SUPPRESS)
 parser.add_argument("--label", default=None, help=argparse.SUPPRESS)  # group / queue suffix
@@ -197,22 +197,31 @@ class Clock:
         self.done = 0
         self.first: float | None = None
         self.last = 0.0
+        self.first_cpu = self.last_cpu = 0.0
         self.finished = asyncio.Event()
 
     def seen(self) -> None:
         if self.first is None:
             self.first = time.perf_counter()
+            self.first_cpu = time.process_time()
 
     def count(self, done: int) -> None:
         self.done += done
         if self.done >= self.total and not self.finished.is_set():
             self.last = time.perf_counter()
+            self.last_cpu = time.process_time()
             self.finished.set()
 
     def result(self) -> dict[str, Any]:
         assert self.first is not None
         seconds = self.last - self.first
-        return {"messages": self.done, "seconds": round(seconds, 3), "rate": self.done / seconds}
+        cpu_us = (self.last_cpu - self.first_cpu) / self.done * 1e6
+        return {
+            "messages": self.done,
+            "seconds": round(seconds, 3),
+            "rate": self.done / seconds,
+            "cpu_us_per_message": round(cpu_us, 1),  # this process's CPU, all threads
+        }
 
 
 async def ours(run: str, name: str, total: int, state: str, sample: float | None) -> dict[str, Any]:
@@ -244,6 +253,7 @@ async def ours(run: str, name: str, total: int, state: str, sample: float | None
         return None
 
     loop = app.build_loop(settings, router, tracer_provider=tracer_provider)
+    app.tune_garbage_collection()  # as `<service> run` does
     clock = Clock(total)
     commits = 0
     fetch, ack, commit = loop.broker.fetch, loop.broker.ack, loop.state.commit
@@ -392,6 +402,7 @@ async def latency(run: str, name: str, rate: int) -> dict[str, Any]:
         return None
 
     loop = app.build_loop(settings, router)
+    app.tune_garbage_collection()
     waits: list[float] = []
     ack = loop.broker.ack
 
@@ -590,7 +601,8 @@ def print_report(report: dict[str, Any]) -> None:
     )
     print("versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()))
     print(
-        f"{'contestant':30} {'msg/s':>10} {'seconds':>8} {'peak RSS MB':>12} {'store writes/s':>15}"
+        f"{'contestant':30} {'msg/s':>10} {'seconds':>8} {'CPU us/msg':>11} {'peak RSS MB':>12}"
+        f" {'store writes/s':>15}"
     )
     for name, result in report["results"].items():
         if name == "latency":
@@ -598,7 +610,8 @@ def print_report(report: dict[str, Any]) -> None:
         writes = result.get("store_writes_per_s")
         print(
             f"{name:30} {result['rate']:10.0f} {result['seconds']:8.2f} "
-            f"{result['peak_rss_mb']:12.1f} {'' if writes is None else f'{writes:15.1f}'}"
+            f"{result['cpu_us_per_message']:11.1f} {result['peak_rss_mb']:12.1f} "
+            f"{'' if writes is None else f'{writes:15.1f}'}"
         )
     lat = report["results"]["latency"]
     print(
