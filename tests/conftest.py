@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,25 @@ def tool_env() -> dict[str, str]:
     env["UV_PYTHON"] = sys.executable
     env.pop("VIRTUAL_ENV", None)
     return env
+
+
+def run_ok(
+    args: Sequence[str],
+    *,
+    timeout: float,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run a command with its output captured; fail the test, showing the command and the
+    end of its output, unless it exits 0."""
+    result = subprocess.run(
+        list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, (
+        f"{shlex.join(args)} exited {result.returncode}\n"
+        f"{result.stdout[-6000:]}\n{result.stderr[-5000:]}"
+    )
+    return result
 
 
 def bake_cli(output_dir: Path, **answers: str) -> subprocess.CompletedProcess[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import bake, tool, tool_env
+from .conftest import bake, run_ok, tool, tool_env
 
 RUNNING_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
 RISKY_DESCRIPTION = "Ünïcødé \"double\" and 'single' quotes, a back\\slash & <angle> — done"
@@ -70,14 +69,7 @@ def test_no_template_syntax_survives(baked: dict[str, Path], name: str) -> None:
 def test_baked_service_is_ruff_clean_and_formatted(baked: dict[str, Path], name: str) -> None:
     service = baked[name]
     for args in (["check", "."], ["format", "--check", "."]):
-        result = subprocess.run(
-            [tool("ruff"), *args],
-            cwd=service,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert result.returncode == 0, result.stdout + result.stderr
+        run_ok([tool("ruff"), *args], cwd=service, timeout=120)
 
 
 @pytest.mark.parametrize("name", MATRIX)
@@ -109,17 +101,7 @@ def test_baked_service_passes_its_own_lint_and_tests(baked: dict[str, Path], nam
     """`make lint` and `make test` from a fresh bake, with nothing but what they install."""
     service = baked[name]
     for target in ("test", "lint"):
-        result = subprocess.run(
-            ["make", target],
-            cwd=service,
-            env=tool_env(),
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        assert result.returncode == 0, (
-            f"make {target}:\n{result.stdout[-6000:]}\n{result.stderr[-3000:]}"
-        )
+        run_ok(["make", target], cwd=service, env=tool_env(), timeout=900)
     assert (service / "uv.lock").exists()
 
 
@@ -130,13 +112,7 @@ def test_matrix_runs_some_suites() -> None:
 @pytest.mark.parametrize("name", RUNNABLE)
 def test_demo_runs_in_the_baked_service(baked: dict[str, Path], name: str) -> None:
     service_name = answers_of(name)["service_name"]
-    result = subprocess.run(
-        ["uv", "run", service_name, "demo"],
-        cwd=baked[name],
-        env=tool_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
+    result = run_ok(
+        ["uv", "run", service_name, "demo"], cwd=baked[name], env=tool_env(), timeout=600
     )
-    assert result.returncode == 0, result.stderr
     assert "duplicates dropped: 1" in result.stdout

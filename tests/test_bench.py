@@ -4,22 +4,18 @@ this checks that it works, never how fast anything is)."""
 from __future__ import annotations
 
 import json
-import subprocess
 
-from .conftest import TEMPLATE, tool_env
+from .conftest import TEMPLATE, run_ok, tool_env
 
 
 def test_bench_runs_end_to_end_and_writes_its_figures() -> None:
     env = {**tool_env(), "BENCH_IDS": "5000", "BENCH_SECONDS": "0.5"}
-    result = subprocess.run(
+    result = run_ok(
         ["bash", "bench/run.sh", "--events", "1500", "--rounds", "1", "--latency-rate", "300"],
         cwd=TEMPLATE,
         env=env,
-        capture_output=True,
-        text=True,
         timeout=1200,
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = json.loads((TEMPLATE / "build" / "bench" / "results.json").read_text())
     for broker, bare in (
         ("kafka", "bare-aiokafka-batch"),

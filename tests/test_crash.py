@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import TEMPLATE, bake, tool_env
+from .conftest import TEMPLATE, bake, run_ok, tool_env
 
 CRASH = TEMPLATE / "tests" / "crash"
 ADDRESSES = {"kafka": "TEST_KAFKA_BOOTSTRAP", "rabbitmq": "TEST_AMQP_URL"}
@@ -41,15 +41,12 @@ def test_sigkill_loses_nothing_and_rehandles_only_in_flight(
     for other in set(ADDRESSES.values()) - {variable}:
         env.pop(other, None)
     subprocess.run(["uv", "sync", "--quiet"], cwd=service, env=env, check=True, timeout=600)
-    result = subprocess.run(
+    result = run_ok(
         ["uv", "run", "python", str(CRASH / "driver.py"), "crash_test", str(tmp_path / "run")],
         cwd=service,
         env=env,
-        capture_output=True,
-        text=True,
         timeout=900,
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     print(f"\ncrash test figures ({broker}, {state}): {json.dumps(figures)}")
 

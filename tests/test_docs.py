@@ -4,21 +4,17 @@ left out of the navigation, no missing anchor."""
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
-from .conftest import TEMPLATE, tool
+from .conftest import TEMPLATE, run_ok, tool
 
 
 def test_docs_site_builds_strictly(tmp_path: Path) -> None:
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
-    result = subprocess.run(
+    run_ok(
         [tool("mkdocs"), "build", "--strict", "--site-dir", str(tmp_path / "site")],
         cwd=TEMPLATE,
-        capture_output=True,
-        text=True,
         env=env,
         timeout=300,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "site" / "security" / "index.html").exists()

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from .conftest import bake, tool_env
+from .conftest import bake, run_ok, tool_env
 
 BROKER_PORTS = {"kafka": {9092, 9093}, "rabbitmq": {5671, 5672}}
 SECRET_VARIABLES = {"BROKER_URL", "ETCD_PASSWORD", "KAFKA_SASL_PASSWORD"}
@@ -130,15 +130,7 @@ def image(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         elif instruction.keyword == "COPY" and not arguments.startswith("--from"):
             docker_copy(service, app, arguments)
         elif instruction.keyword == "RUN":
-            result = subprocess.run(
-                ["bash", "-c", arguments],
-                cwd=app,
-                env=build_env,
-                capture_output=True,
-                text=True,
-                timeout=900,
-            )
-            assert result.returncode == 0, f"RUN {arguments}\n{result.stderr[-3000:]}"
+            run_ok(["bash", "-c", arguments], cwd=app, env=build_env, timeout=900)
     runtime_env = dict(os.environ)
     runtime_env["PATH"] = f"{app / '.venv' / 'bin'}{os.pathsep}{runtime_env['PATH']}"
     return Image(broker, service, app, stages, runtime_env)

@@ -7,7 +7,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from .conftest import TEMPLATE, bake, tool_env
+from .conftest import TEMPLATE, bake, run_ok, tool_env
 
 
 def test_two_baked_services_chain_one_trace(tmp_path: Path) -> None:
@@ -24,14 +24,7 @@ def test_two_baked_services_chain_one_trace(tmp_path: Path) -> None:
         timeout=600,
     )
     chain = TEMPLATE / "tests" / "two_services" / "chain.py"
-    result = subprocess.run(
-        [str(python), str(chain)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_ok([str(python), str(chain)], env=env, timeout=120)
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert [span["kind"] for span in report["spans"]] == [
         "PRODUCER",
