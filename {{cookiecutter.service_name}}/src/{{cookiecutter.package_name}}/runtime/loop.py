@@ -549,7 +549,11 @@ class ConsumerLoop:
             unusable = slot.finish(item.envelope.id, state)
             if unusable is not None:
                 return DeadLetterRecord(message, "handler-failed", unusable)
-        return context.emitted
+        emitted = context.emitted
+        if span is trace.INVALID_SPAN:  # no tracing: pass the incoming trace context on as is
+            for event in emitted:
+                telemetry.pass_on(message.headers, event.headers, self._trace_fields)
+        return emitted
 
     def _attempt(
         self, item: _Work, span: trace.Span, slot: _KeySlot | None, number: int
@@ -680,10 +684,7 @@ class ConsumerLoop:
         if not outcome:
             return
         result.emitted += len(outcome)
-        for emitted in outcome:
-            if not self._tracing:  # no spans: pass the incoming trace context on as it is
-                telemetry.pass_on(item.message.headers, emitted.headers, self._trace_fields)
-            result.outbound.append(self._to_outbound(item.envelope, emitted))
+        result.outbound.extend(self._to_outbound(item.envelope, emitted) for emitted in outcome)
 
     def _to_outbound(self, parent: Envelope, emitted: Emitted) -> OutboundMessage:
         event_type = event_type_of(emitted.message)
