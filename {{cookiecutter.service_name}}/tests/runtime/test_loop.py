@@ -14,8 +14,9 @@ from {{ cookiecutter.package_name }}.runtime.brokers.base import (
     DLQ_ORIGIN,
     DLQ_REASON,
 )
-from {{ cookiecutter.package_name }}.runtime.brokers.memory import MemoryBus
+from {{ cookiecutter.package_name }}.runtime.brokers.memory import MemoryBroker, MemoryBus
 from {{ cookiecutter.package_name }}.runtime.envelope import derive_event_id
+from {{ cookiecutter.package_name }}.runtime.state.base import Fenced
 from {{ cookiecutter.package_name }}.runtime.state.memory import MemoryStateStore
 from {{ cookiecutter.package_name }}.runtime.testing import ServiceHarness
 
@@ -116,6 +117,42 @@ async def test_next_batch_is_handled_while_the_last_is_made_durable() -> None:
     stats = await running.stop_gracefully()
     assert handled == ["first", "second"]
     assert stats.duplicates == 1
+
+
+async def test_a_batch_handled_behind_a_fenced_checkpoint_is_not_acked() -> None:
+    """The checkpoint of the first batch is refused (a newer owner) while the next batch
+    was already handled: neither is acked, the loop rejoins, and both run again."""
+    bus = MemoryBus()
+    settings = fast_settings()
+    handled: list[str] = []
+    router = echo_router(handled)
+    bus.bind(settings.consumer_group, router.event_types())
+    release = asyncio.Event()
+    refused = False
+
+    class UsurpedStore(MemoryStateStore):
+        async def commit(self, stream: str, processed: Any, fence: int | None, **more: Any) -> None:
+            nonlocal refused
+            if not refused:
+                await release.wait()
+                refused = True
+                raise Fenced(stream)
+            await super().commit(stream, processed, fence, **more)
+
+    await publish_to(bus, router, StringValue(value="first"))
+    broker = MemoryBroker(bus, settings.consumer_group, exclusive=True)
+    store = UsurpedStore(1000, 3600, time.time)
+    running = RunningLoop(make_loop(router, bus, store, settings, broker))
+    await running.wait_until(lambda: handled == ["first"])
+    await publish_to(bus, router, StringValue(value="second"))
+    await running.wait_until(lambda: handled == ["first", "second"])
+    assert bus.pending(settings.consumer_group) == 2  # handled, none acked
+    release.set()
+    await running.wait_until(lambda: bus.pending(settings.consumer_group) == 0)
+    stats = await running.stop_gracefully()
+    assert stats.fenced == 1
+    assert sorted(handled) == ["first", "first", "second", "second"]
+    assert stats.acked == 2
 
 
 async def test_unfinished_handler_is_redelivered_after_a_crash() -> None:
