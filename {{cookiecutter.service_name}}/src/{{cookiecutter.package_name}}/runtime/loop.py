@@ -239,15 +239,12 @@ class ConsumerLoop:
         This is what bounds store writes and acks: one per stream per interval, or per
         full batch, whatever the message rate.
         """
-        size = self.settings.batch_size
-        batch = await self.broker.fetch(size, self.settings.batch_timeout_ms / 1000)
-        if not batch:
-            return batch
-        clock = asyncio.get_running_loop().time
-        deadline = clock() + self.settings.commit_interval_ms / 1000
-        while len(batch) < size and (left := deadline - clock()) > 0:
-            batch += await self.broker.fetch(size - len(batch), left)
-        return batch
+        settings = self.settings
+        return await self.broker.fetch_batch(
+            settings.batch_size,
+            settings.batch_timeout_ms / 1000,
+            settings.commit_interval_ms / 1000,
+        )
 
     async def _process_or_drain(self, batch: list[InboundMessage], stop: asyncio.Event) -> None:
         processing = asyncio.ensure_future(self._react_then_make_durable(batch))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -100,6 +101,21 @@ class Broker(ABC):
     @abstractmethod
     async def fetch(self, max_messages: int, max_wait_s: float) -> list[InboundMessage]:
         """Up to `max_messages` deliveries, waiting at most `max_wait_s` for the first."""
+
+    async def fetch_batch(
+        self, max_messages: int, first_wait_s: float, fill_s: float
+    ) -> list[InboundMessage]:
+        """The loop's batch: wait at most `first_wait_s` for a first delivery, then up to
+        `fill_s` more for the batch to fill to `max_messages`. Built on `fetch`; a broker
+        told of each delivery may instead wake once the batch is full (RabbitMQ)."""
+        batch = await self.fetch(max_messages, first_wait_s)
+        if not batch:
+            return batch
+        clock = asyncio.get_running_loop().time
+        deadline = clock() + fill_s
+        while len(batch) < max_messages and (left := deadline - clock()) > 0:
+            batch += await self.fetch(max_messages - len(batch), left)
+        return batch
 
     @abstractmethod
     async def publish(self, messages: Sequence[OutboundMessage]) -> None:

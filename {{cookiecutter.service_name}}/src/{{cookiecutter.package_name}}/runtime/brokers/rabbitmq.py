@@ -54,7 +54,10 @@ class RabbitMQBroker(Broker):
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
         self._dead_letters: AbstractExchange | None = None
-        self._buffer: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        # Deliveries not fetched yet; a fetch waiting for `_wanted` of them waits on `_waiter`.
+        self._buffer: list[AbstractIncomingMessage] = []
+        self._wanted = 0
+        self._waiter: asyncio.Future[None] | None = None
         self._consuming = False
         # Lag checks use their own channel: a failed passive declare closes its channel.
         self._lag_channel: AbstractRobustChannel | None = None
@@ -112,26 +115,54 @@ class RabbitMQBroker(Broker):
         self._consuming = True
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        self._buffer.put_nowait(message)
+        self._buffer.append(message)
+        waiter = self._waiter
+        if waiter is not None and len(self._buffer) >= self._wanted and not waiter.done():
+            waiter.set_result(None)
 
     def _on_reconnect(self, *_: Any) -> None:
-        stale = self._buffer.qsize()
-        self._buffer = asyncio.Queue()  # old deliveries come back as redeliveries
+        # Old deliveries come back as redeliveries; the new channel's may already be here.
+        live = [delivery for delivery in self._buffer if _channel_open(delivery)]
+        stale = len(self._buffer) - len(live)
+        self._buffer[:] = live
         log.warning("reconnected; dropped deliveries of the old channel", dropped=stale)
 
-    async def fetch(self, max_messages: int, max_wait_s: float) -> list[InboundMessage]:
-        """Deliveries of an open channel only (a reconnect also swaps the buffer)."""
-        buffer = self._buffer
-        deliveries: list[AbstractIncomingMessage] = []
-        if buffer.empty():  # wait only when nothing is there (no task per call)
+    async def _buffered(self, count: int, within_s: float) -> bool:
+        """Wait until `count` deliveries are buffered, at most `within_s`; True if they are."""
+        if len(self._buffer) < count and within_s > 0:
+            self._wanted = count
+            self._waiter = asyncio.get_running_loop().create_future()
             try:
-                async with asyncio.timeout(max_wait_s):
-                    deliveries.append(await buffer.get())
+                async with asyncio.timeout(within_s):
+                    await self._waiter
             except TimeoutError:
-                return []
-        while len(deliveries) < max_messages and not buffer.empty():
-            deliveries.append(buffer.get_nowait())
-        if not _channel_open(deliveries[-1]):  # one buffer, one channel: check one
+                pass
+            finally:
+                self._waiter = None
+        return len(self._buffer) >= count
+
+    async def fetch(self, max_messages: int, max_wait_s: float) -> list[InboundMessage]:
+        if not await self._buffered(1, max_wait_s):
+            return []
+        return self._take(max_messages)
+
+    async def fetch_batch(
+        self, max_messages: int, first_wait_s: float, fill_s: float
+    ) -> list[InboundMessage]:
+        """Wakes once when the batch is full (or `fill_s` passed), not at every delivery."""
+        if not await self._buffered(1, first_wait_s):
+            return []
+        await self._buffered(max_messages, fill_s)
+        return self._take(max_messages)
+
+    def _take(self, max_messages: int) -> list[InboundMessage]:
+        """Up to `max_messages` buffered deliveries, of an open channel only."""
+        deliveries = self._buffer[:max_messages]
+        del self._buffer[:max_messages]
+        if not deliveries:
+            return []
+        # Deliveries come in channel order: the first one's channel open means all are.
+        if not _channel_open(deliveries[0]):
             deliveries = [delivery for delivery in deliveries if _channel_open(delivery)]
         stream = self.settings.consumer_group
         batch = []
@@ -217,7 +248,7 @@ class RabbitMQBroker(Broker):
             self._lag_channel = None
             raise BrokerUnavailable(f"rabbitmq: {error!r}") from error
         ready = queue.declaration_result.message_count or 0
-        return {self.settings.consumer_group: ready + self._buffer.qsize()}
+        return {self.settings.consumer_group: ready + len(self._buffer)}
 
     async def drop_connection_for_tests(self) -> None:
         """Break the connection as a network failure would; robust reconnect follows."""
