@@ -112,6 +112,33 @@ async def test_acked_messages_do_not_come_back(backend: Backend) -> None:
     assert await fetch_for(second, 2.0) == []
 
 
+async def test_a_batch_gathers_what_arrives_within_the_fill_window(backend: Backend) -> None:
+    """The loop's batch: deliveries trickling in within the fill window make one batch,
+    and a batch that is full returns without waiting the window out."""
+    settings = backend.settings()
+    topic = settings.topic_for("fill")
+    consumer = backend.broker(settings)
+    await consumer.start([topic])
+    await publish(backend, settings, [OutboundMessage(topic, b"warm-up")])
+    await consumer.ack(await fetch_at_least(consumer, 1))  # Kafka: the group is joined
+
+    producer = backend.broker(settings)
+    await producer.start([])
+    filling = asyncio.ensure_future(consumer.fetch_batch(10, 30.0, 3.0))
+    for n in range(3):
+        await producer.publish([OutboundMessage(topic, b"t%d" % n)])
+        await asyncio.sleep(0.05)
+    trickled = await filling
+    assert sorted(m.body for m in trickled) == [b"t0", b"t1", b"t2"]
+    await consumer.ack(trickled)
+
+    await producer.publish([OutboundMessage(topic, b"f%d" % n) for n in range(3)])
+    async with asyncio.timeout(20):  # far below the fill window: a full batch returns
+        full = await consumer.fetch_batch(3, 30.0, 600.0)
+    assert sorted(m.body for m in full) == [b"f0", b"f1", b"f2"]
+    await consumer.ack(full)
+
+
 async def test_bad_input_is_dead_lettered_with_a_reason(backend: Backend) -> None:
     settings = backend.settings()
     handled: list[str] = []

@@ -128,7 +128,7 @@ def extract(
     """The trace context a message carries in its headers (W3C traceparent, or what
     OTEL_PROPAGATORS names); None, cheaply, when it carries none of `fields`."""
     names = propagation_fields() if fields is None else fields
-    if not any(name in headers for name in names):
+    if names.isdisjoint(headers):
         return None
     return propagate.extract(headers)
 
