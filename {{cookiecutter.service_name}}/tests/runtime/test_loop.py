@@ -155,6 +155,35 @@ async def test_a_batch_handled_behind_a_fenced_checkpoint_is_not_acked() -> None
     assert stats.acked == 2
 
 
+async def test_a_stream_given_up_while_its_batch_is_handled_does_not_stop_the_loop() -> None:
+    """A rebalance whose drain deadline passed gives the stream up while a handler still
+    runs: the batch finishes (a newer owner's fence or dedupe deals with it) and the loop
+    goes on with what comes next."""
+    bus = MemoryBus()
+    settings = fast_settings()
+    handled: list[str] = []
+    router = Router()
+    loops: list[RunningLoop] = []
+
+    @router.handles(StringValue)
+    async def handle(event: StringValue, ctx: Context) -> None:
+        if event.value == "given up meanwhile":
+            revoked = loops[0].loop.broker.on_streams_revoked
+            assert revoked is not None
+            revoked({settings.consumer_group})  # as the Kafka adapter does after a drain
+        handled.append(event.value)
+
+    bus.bind(settings.consumer_group, router.event_types())
+    await publish_to(bus, router, StringValue(value="given up meanwhile"))
+    running = RunningLoop(make_loop(router, bus, MemoryStateStore(1000, 3600, time.time), settings))
+    loops.append(running)
+    await running.wait_until(lambda: bus.pending(settings.consumer_group) == 0)
+    await publish_to(bus, router, StringValue(value="next"))
+    await running.wait_until(lambda: handled == ["given up meanwhile", "next"])
+    stats = await running.stop_gracefully()
+    assert stats.acked == 2
+
+
 async def test_unfinished_handler_is_redelivered_after_a_crash() -> None:
     bus = MemoryBus()
     store = MemoryStateStore(1000, 3600, time.time)
