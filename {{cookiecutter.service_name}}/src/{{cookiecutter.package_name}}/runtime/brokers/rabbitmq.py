@@ -142,9 +142,7 @@ class RabbitMQBroker(Broker):
         return len(self._buffer) >= count
 
     async def fetch(self, max_messages: int, max_wait_s: float) -> list[InboundMessage]:
-        if not await self._buffered(1, max_wait_s):
-            return []
-        return self._take(max_messages)
+        return await self.fetch_batch(max_messages, max_wait_s, 0.0)
 
     async def fetch_batch(
         self, max_messages: int, first_wait_s: float, fill_s: float
