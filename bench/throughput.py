@@ -256,10 +256,10 @@ async def ours(run: str, name: str, total: int, state: str, sample: float | None
     app.tune_garbage_collection()  # as `<service> run` does
     clock = Clock(total)
     commits = 0
-    fetch, ack, commit = loop.broker.fetch_batch, loop.broker.ack, loop.state.commit
+    fetch_batch, ack, commit = loop.broker.fetch_batch, loop.broker.ack, loop.state.commit
 
-    async def timed_fetch(*a: Any) -> Any:
-        batch = await fetch(*a)
+    async def timed_fetch_batch(*a: Any) -> Any:
+        batch = await fetch_batch(*a)
         if batch:
             clock.seen()
         return batch
@@ -273,7 +273,11 @@ async def ours(run: str, name: str, total: int, state: str, sample: float | None
         await commit(*a, **k)
         commits += 1
 
-    loop.broker.fetch_batch, loop.broker.ack, loop.state.commit = timed_fetch, counted_ack, counted_commit
+    loop.broker.fetch_batch, loop.broker.ack, loop.state.commit = (
+        timed_fetch_batch,
+        counted_ack,
+        counted_commit,
+    )
     stop = asyncio.Event()
     running = asyncio.create_task(loop.run(stop))
     await wait_or_fail(clock.finished, running)

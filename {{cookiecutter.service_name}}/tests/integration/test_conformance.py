@@ -117,13 +117,12 @@ async def test_a_batch_gathers_what_arrives_within_the_fill_window(backend: Back
     and a batch that is full returns without waiting the window out."""
     settings = backend.settings()
     topic = settings.topic_for("fill")
-    consumer = backend.broker(settings)
+    consumer, producer = backend.broker(settings), backend.broker(settings)
     await consumer.start([topic])
-    await publish(backend, settings, [OutboundMessage(topic, b"warm-up")])
+    await producer.start([])
+    await producer.publish([OutboundMessage(topic, b"warm-up")])
     await consumer.ack(await fetch_at_least(consumer, 1))  # Kafka: the group is joined
 
-    producer = backend.broker(settings)
-    await producer.start([])
     filling = asyncio.ensure_future(consumer.fetch_batch(10, 30.0, 3.0))
     for n in range(3):
         await producer.publish([OutboundMessage(topic, b"t%d" % n)])

@@ -15,6 +15,7 @@ from {{ cookiecutter.package_name }}.runtime.brokers.base import (
     DLQ_REASON,
 )
 from {{ cookiecutter.package_name }}.runtime.brokers.memory import MemoryBroker, MemoryBus
+from {{ cookiecutter.package_name }}.runtime.config import Settings
 from {{ cookiecutter.package_name }}.runtime.envelope import derive_event_id
 from {{ cookiecutter.package_name }}.runtime.state.base import Fenced
 from {{ cookiecutter.package_name }}.runtime.state.memory import MemoryStateStore
@@ -51,23 +52,27 @@ def echo_router(handled: list[str]) -> Router:
     return router
 
 
+def echo_bus() -> tuple[MemoryBus, Settings, list[str], Router]:
+    """A memory bus bound for the echo router, with its settings and the values handled."""
+    handled: list[str] = []
+    bus, settings, router = MemoryBus(), fast_settings(), echo_router(handled)
+    bus.bind(settings.consumer_group, router.event_types())
+    return bus, settings, handled, router
+
+
 def harness(handled: list[str], **settings: object) -> ServiceHarness:
     return ServiceHarness(echo_router(handled), **{**FAST, **settings})
 
 
 async def test_ack_comes_after_publish_and_checkpoint() -> None:
-    handled: list[str] = []
+    bus, settings, handled, router = echo_bus()
     journal = Journal()
-    bus = MemoryBus()
-    settings = fast_settings()
 
     class JournalingStore(MemoryStateStore):
         async def commit(self, stream: str, processed: Any, fence: int | None, **more: Any) -> None:
             await super().commit(stream, processed, fence, **more)
             journal.entries.append("checkpoint")
 
-    router = echo_router(handled)
-    bus.bind(settings.consumer_group, router.event_types())
     for value in ("a", "b", "c"):
         await publish_to(bus, router, StringValue(value=value))
     store = JournalingStore(1000, 3600, time.time)
@@ -89,11 +94,7 @@ async def test_next_batch_is_handled_while_the_last_is_made_durable() -> None:
     """Batches overlap by one: the next is handled during the last one's checkpoint, knows
     its ids already (the same event again is a duplicate), and nothing is acked before its
     own checkpoint."""
-    bus = MemoryBus()
-    settings = fast_settings()
-    handled: list[str] = []
-    router = echo_router(handled)
-    bus.bind(settings.consumer_group, router.event_types())
+    bus, settings, handled, router = echo_bus()
     release = asyncio.Event()
     commits = 0
 
@@ -122,11 +123,7 @@ async def test_next_batch_is_handled_while_the_last_is_made_durable() -> None:
 async def test_a_batch_handled_behind_a_fenced_checkpoint_is_not_acked() -> None:
     """The checkpoint of the first batch is refused (a newer owner) while the next batch
     was already handled: neither is acked, the loop rejoins, and both run again."""
-    bus = MemoryBus()
-    settings = fast_settings()
-    handled: list[str] = []
-    router = echo_router(handled)
-    bus.bind(settings.consumer_group, router.event_types())
+    bus, settings, handled, router = echo_bus()
     release = asyncio.Event()
     refused = False
 
