@@ -58,6 +58,7 @@ config = importlib.import_module(f"{PACKAGE}.runtime.config")
 app = importlib.import_module(f"{PACKAGE}.runtime.app")
 runtime = importlib.import_module(f"{PACKAGE}.runtime")
 envelope_module = importlib.import_module(f"{PACKAGE}.runtime.envelope")
+telemetry = importlib.import_module(f"{PACKAGE}.runtime.telemetry")
 wrappers = importlib.import_module("google.protobuf.wrappers_pb2")
 
 KAFKA = os.environ.get("TEST_KAFKA_BOOTSTRAP", "127.0.0.1:19092")
@@ -227,7 +228,6 @@ class Clock:
 async def ours(run: str, name: str, total: int, state: str, sample: float | None) -> dict[str, Any]:
     tracer_provider = None
     if sample is not None:
-        from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
         from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
@@ -237,7 +237,8 @@ async def ours(run: str, name: str, total: int, state: str, sample: float | None
 
                 return SpanExportResult.SUCCESS
 
-        tracer_provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(sample)))
+        # As the service makes it with OTEL_TRACES_SAMPLER=parentbased_traceidratio.
+        tracer_provider = telemetry.tracer_provider(sampler=ParentBased(TraceIdRatioBased(sample)))
         tracer_provider.add_span_processor(BatchSpanProcessor(Discard()))
     overrides: dict[str, Any] = {}
     if state == "etcd":

@@ -34,6 +34,7 @@ brokers = importlib.import_module(f"{args.package}.runtime.brokers")
 testing = importlib.import_module(f"{args.package}.runtime.testing")
 logs = importlib.import_module(f"{args.package}.runtime.logs")
 config = importlib.import_module(f"{args.package}.runtime.config")
+telemetry = importlib.import_module(f"{args.package}.runtime.telemetry")
 wrappers = importlib.import_module("google.protobuf.wrappers_pb2")
 
 
@@ -45,7 +46,10 @@ class DiscardingExporter(SpanExporter):
 def provider(ratio: float | None) -> TracerProvider | None:
     if ratio is None:
         return None
-    chosen = TracerProvider(sampler=ParentBased(TraceIdRatioBased(ratio)))
+    # As the service makes it with OTEL_TRACES_SAMPLER=parentbased_traceidratio.
+    chosen: TracerProvider = telemetry.tracer_provider(
+        sampler=ParentBased(TraceIdRatioBased(ratio))
+    )
     chosen.add_span_processor(BatchSpanProcessor(DiscardingExporter(), max_queue_size=65536))
     return chosen
 

@@ -22,6 +22,7 @@ from {{ cookiecutter.package_name }}.runtime.config import ENV_PREFIX, Settings
 from {{ cookiecutter.package_name }}.runtime.loop import ConsumerLoop, LoopStats
 from {{ cookiecutter.package_name }}.runtime.router import Router
 from {{ cookiecutter.package_name }}.runtime.state.base import StateStore
+from {{ cookiecutter.package_name }}.runtime.telemetry import tracer_provider
 from {{ cookiecutter.package_name }}.runtime.testing import ServiceHarness
 
 FAST: dict[str, Any] = {
@@ -146,9 +147,10 @@ EXPORTER = InMemorySpanExporter()
 
 @pytest.fixture
 def spans() -> InMemorySpanExporter:
-    """An in-memory span exporter behind the process's tracer provider (set once)."""
+    """An in-memory span exporter behind the process's tracer provider (set once), made
+    as the service makes it (parentbased_always_on)."""
     if not isinstance(trace.get_tracer_provider(), TracerProvider):
-        provider = TracerProvider()
+        provider = tracer_provider()
         provider.add_span_processor(SimpleSpanProcessor(EXPORTER))
         trace.set_tracer_provider(provider)
     EXPORTER.clear()

@@ -4,18 +4,33 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import pytest
 import structlog
 from google.protobuf.wrappers_pb2 import Int64Value, StringValue
 from opentelemetry import trace
+from opentelemetry.context import Context as TraceContext
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind
+from opentelemetry.sdk.trace.sampling import (
+    DEFAULT_OFF,
+    DEFAULT_ON,
+    Decision,
+    ParentBased,
+    ParentBasedTraceIdRatio,
+    Sampler,
+    SamplingResult,
+    TraceIdRatioBased,
+)
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
+from opentelemetry.trace.span import TraceState
 
 from {{ cookiecutter.package_name }}.runtime import Context, Router
 from {{ cookiecutter.package_name }}.runtime.app import build_loop
@@ -23,7 +38,13 @@ from {{ cookiecutter.package_name }}.runtime.brokers.memory import MemoryBroker,
 from {{ cookiecutter.package_name }}.runtime.config import Settings
 from {{ cookiecutter.package_name }}.runtime.logs import configure_logging
 from {{ cookiecutter.package_name }}.runtime.state.memory import MemoryStateStore
-from {{ cookiecutter.package_name }}.runtime.telemetry import _exporter_names, inject
+from {{ cookiecutter.package_name }}.runtime.telemetry import (
+    ConsumerSpans,
+    _exporter_names,
+    inject,
+    tracer,
+    tracer_provider,
+)
 from {{ cookiecutter.package_name }}.runtime.testing import ServiceHarness
 
 from .conftest import FAST, RunningLoop, fast_settings, make_loop, one_span, publish_to
@@ -178,29 +199,185 @@ async def test_metrics_count_outcomes_and_report_lag() -> None:
     assert points[("events.consumer.lag", (("stream", settings.consumer_group),))].value == 3
 
 
-async def test_without_tracing_the_trace_context_passes_through_unchanged() -> None:
+async def _emitted_headers(
+    traceparent: str, provider: trace.TracerProvider, seen: list[SpanContext]
+) -> Mapping[str, str]:
+    """Handle one event carrying `traceparent` (the handler notes its span's context in
+    `seen` and emits one event); the emitted event's headers."""
     bus = MemoryBus()
     settings = fast_settings()
     router = Router()
 
     @router.handles(StringValue)
     async def react(event: StringValue, ctx: Context) -> None:
-        assert not ctx.span.get_span_context().is_valid  # no span when tracing is off
+        seen.append(ctx.span.get_span_context())
         ctx.emit(Int64Value(value=1))
 
     bus.bind(settings.consumer_group, router.event_types())
-    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     await publish_to(bus, router, StringValue(value="a"), headers={"traceparent": traceparent})
     loop = build_loop(
         settings,
         router,
         broker=MemoryBroker(bus, settings.consumer_group),
         state=MemoryStateStore(100, 3600, time.time),
-        tracer_provider=trace.NoOpTracerProvider(),
+        tracer_provider=provider,
     )
     running = RunningLoop(loop)
     await running.wait_until(lambda: bus.pending(settings.consumer_group) == 0)
     await running.stop_gracefully()
-
     [emitted] = bus.messages("google.protobuf.Int64Value")
-    assert emitted.headers["traceparent"] == traceparent
+    return emitted.headers
+
+
+async def test_without_tracing_the_trace_context_passes_through_unchanged() -> None:
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    seen: list[SpanContext] = []
+    headers = await _emitted_headers(traceparent, trace.NoOpTracerProvider(), seen)
+    assert headers["traceparent"] == traceparent
+    assert not seen[0].is_valid  # no span when tracing is off
+
+
+class CountingSampler(Sampler):
+    """A sampler the loop cannot know the rule of: it must be asked once per span."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    def should_sample(self, *args: Any, **kwargs: Any) -> SamplingResult:
+        self.asked += 1
+        return SamplingResult(Decision.RECORD_AND_SAMPLE if self.asked % 3 else Decision.DROP)
+
+    def get_description(self) -> str:
+        return "CountingSampler"
+
+
+def _parents() -> list[TraceContext | None]:
+    """Roots, and remote or local parents sampled or not, with and without W3C's
+    random-trace-id bit (0x02), a trace state, and a flag bit no SDK knows (0x04)."""
+    state = TraceState([("vendor", "v1")])
+    parents: list[TraceContext | None] = [None] * 300
+    parents.append(trace.set_span_in_context(trace.INVALID_SPAN))
+    for n, (remote, flags) in enumerate(
+        [(True, 0x00), (True, 0x02), (True, 0x01), (True, 0x03), (False, 0x00), (True, 0x04)] * 5
+    ):
+        parent = SpanContext(1000 + n, 77 + n, remote, TraceFlags(flags), state)
+        parents.append(trace.set_span_in_context(NonRecordingSpan(parent)))
+    return parents
+
+
+def _start_all(
+    provider: TracerProvider,
+    parents: Sequence[TraceContext | None],
+    start: Callable[[trace.Tracer, TraceContext | None], trace.Span],
+) -> tuple[list[tuple[SpanContext, bool]], int, list[tuple[Any, ...]]]:
+    """Each span's context and whether it records, how often the SDK was asked to start a
+    span, and what was exported; from a fixed random seed, so two runs draw the same ids."""
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    chosen = tracer(provider)
+    sdk_start_span, sdk_calls = chosen.start_span, 0
+
+    def counted(*args: Any, **kwargs: Any) -> trace.Span:
+        nonlocal sdk_calls
+        sdk_calls += 1
+        return sdk_start_span(*args, **kwargs)
+
+    chosen.start_span = counted  # type: ignore[method-assign]
+    random.seed(20261122)
+    started = []
+    for parent in parents:
+        span = start(chosen, parent)
+        started.append((span.get_span_context(), span.is_recording()))
+        span.end()
+    exported = [(s.name, s.kind, s.context, s.parent) for s in exporter.get_finished_spans()]
+    return started, sdk_calls, exported
+
+
+def _via_consumer_spans(chosen: trace.Tracer, parent: TraceContext | None) -> trace.Span:
+    return ConsumerSpans(chosen).start("process t", parent)
+
+
+def _via_the_sdk(chosen: trace.Tracer, parent: TraceContext | None) -> trace.Span:
+    return chosen.start_span("process t", context=parent, kind=SpanKind.CONSUMER)
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    [
+        ParentBased(TraceIdRatioBased(0.01)),
+        ParentBased(TraceIdRatioBased(0.5)),
+        ParentBasedTraceIdRatio(0.3),
+        DEFAULT_ON,
+        DEFAULT_OFF,
+        ParentBased(TraceIdRatioBased(0.0)),
+    ],
+    ids=lambda sampler: sampler.get_description()[:40],
+)
+def test_consumer_spans_start_the_span_the_sdk_would_and_ask_it_only_for_sampled_ones(
+    sampler: Sampler,
+) -> None:
+    parents = _parents()
+    ours, sdk_calls, exported = _start_all(
+        tracer_provider(sampler=sampler), parents, _via_consumer_spans
+    )
+    theirs, _, exported_by_the_sdk = _start_all(
+        tracer_provider(sampler=sampler), parents, _via_the_sdk
+    )
+    assert ours == theirs  # same ids, flags, trace state, and sampling decisions
+    assert exported == exported_by_the_sdk
+    sampled = sum(recording for _, recording in ours)
+    flags = [trace.get_current_span(parent).get_span_context().trace_flags for parent in parents]
+    unknown_flags = sum(1 for parent_flags in flags if parent_flags & 0x04)
+    assert sdk_calls == sampled + unknown_flags  # a dropped span costs no SDK call
+
+
+def test_the_ratio_sampler_the_environment_asks_for_takes_the_fast_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.25")
+    started, sdk_calls, exported = _start_all(tracer_provider(), [None] * 400, _via_consumer_spans)
+    sampled = sum(recording for _, recording in started)
+    assert 60 < sampled < 140 and sdk_calls == sampled == len(exported)
+
+
+@pytest.mark.parametrize(
+    "provider",
+    [
+        lambda: tracer_provider(sampler=ParentBased(CountingSampler())),  # a custom root
+        lambda: TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.5))),  # ids not ours
+    ],
+    ids=["custom sampler", "other provider"],
+)
+def test_any_other_sampler_or_provider_starts_every_span_in_the_sdk(
+    provider: Callable[[], TracerProvider],
+) -> None:
+    started, sdk_calls, _ = _start_all(provider(), [None] * 30, _via_consumer_spans)
+    assert sdk_calls == 30 and {recording for _, recording in started} == {True, False}
+
+
+def test_with_the_sdks_internal_metrics_every_span_goes_through_the_sdk(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED", "true")
+    provider = tracer_provider(sampler=ParentBased(TraceIdRatioBased(0.01)))
+    _, sdk_calls, _ = _start_all(provider, [None] * 30, _via_consumer_spans)
+    assert sdk_calls == 30
+
+
+async def test_an_unsampled_trace_is_carried_on_without_spans() -> None:
+    exporter = InMemorySpanExporter()
+    provider = tracer_provider(sampler=ParentBased(TraceIdRatioBased(1.0)))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    traceparent = f"00-{trace_id}-b7ad6b7169203331-00"  # upstream did not sample it
+    seen: list[SpanContext] = []
+    headers = await _emitted_headers(traceparent, provider, seen)
+
+    [span_context] = seen
+    assert format(span_context.trace_id, "032x") == trace_id
+    assert not span_context.trace_flags.sampled
+    span_id = format(span_context.span_id, "016x")
+    assert headers["traceparent"] == f"00-{trace_id}-{span_id}-00"
+    assert span_id != "b7ad6b7169203331"
+    assert exporter.get_finished_spans() == ()
