@@ -365,6 +365,25 @@ def test_with_the_sdks_internal_metrics_every_span_goes_through_the_sdk(
     assert sdk_calls == 30
 
 
+@pytest.mark.parametrize(
+    "provider",
+    [
+        lambda: tracer_provider(sampler=DEFAULT_ON),
+        lambda: tracer_provider(sampler=DEFAULT_OFF),
+        lambda: TracerProvider(sampler=DEFAULT_ON),  # through the SDK
+    ],
+    ids=["sampled", "dropped", "other provider"],
+)
+def test_a_message_without_trace_context_starts_a_trace_of_its_own(
+    provider: Callable[[], TracerProvider],
+) -> None:
+    chosen = tracer(provider())
+    with TracerProvider().get_tracer("test").start_as_current_span("ambient") as ambient:
+        span = ConsumerSpans(chosen).start("process t", None)
+    assert span.get_span_context().is_valid and ambient.get_span_context().is_valid
+    assert span.get_span_context().trace_id != ambient.get_span_context().trace_id
+
+
 async def test_an_unsampled_trace_is_carried_on_without_spans() -> None:
     exporter = InMemorySpanExporter()
     provider = tracer_provider(sampler=ParentBased(TraceIdRatioBased(1.0)))

@@ -231,6 +231,7 @@ class ChosenTraceIds(RandomIdGenerator):
 
 _TRACE_ID_BITS = (1 << 128) - 1
 _NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
+_NO_PARENT = TraceContext()
 
 
 # What the SDK says of the sampler OTEL_TRACES_SAMPLER=parentbased_traceidratio (or
@@ -304,11 +305,12 @@ class ConsumerSpans:
         )
 
     def start(self, name: str, parent: TraceContext | None) -> trace.Span:
-        """A CONSUMER span, child of the span in `parent` (the current context if None)."""
+        """A CONSUMER span, child of the span in `parent`; with no `parent` (the message
+        carried no trace context) the root of a new trace, whatever span is current."""
         bound = self._root_bound
         if bound is not None:
-            parent_span = trace.get_current_span(parent).get_span_context()
-            if not parent_span.is_valid:
+            parent_span = trace.get_current_span(parent).get_span_context() if parent else None
+            if parent_span is None or not parent_span.is_valid:
                 trace_id, span_id = self._ids.draw_root_ids()
                 if trace_id & TraceIdRatioBased.TRACE_ID_LIMIT >= bound:
                     return NonRecordingSpan(SpanContext(trace_id, span_id, False, self._root_flags))
@@ -321,7 +323,7 @@ class ConsumerSpans:
                         parent_span.trace_id, span_id, False, flags, parent_span.trace_state
                     )
                     return NonRecordingSpan(context)
-        return self._tracer.start_span(name, context=parent, kind=SpanKind.CONSUMER)
+        return self._tracer.start_span(name, context=parent or _NO_PARENT, kind=SpanKind.CONSUMER)
 
 
 class LoopMetrics:
