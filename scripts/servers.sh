@@ -104,6 +104,9 @@ start() {
         echo $! >"$state/tansu.pid"
     fi
     if ! port_open "$ETCD_PORT"; then
+        # A fresh data directory each start: benchmark and test keys are never deleted,
+        # and across runs they fill etcd's 2 GB quota ("database space exceeded").
+        rm -rf "$state/etcd-data"
         nohup etcd --name test --data-dir "$state/etcd-data" \
             --listen-client-urls "http://127.0.0.1:$ETCD_PORT" \
             --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
