@@ -251,11 +251,11 @@ class CountingSampler(Sampler):
         return "CountingSampler"
 
 
-def _parents() -> list[TraceContext | None]:
+def _parents() -> list[TraceContext]:
     """Roots, and remote or local parents sampled or not, with and without W3C's
     random-trace-id bit (0x02), a trace state, and a flag bit no SDK knows (0x04)."""
     state = TraceState([("vendor", "v1")])
-    parents: list[TraceContext | None] = [None] * 300
+    parents = [TraceContext()] * 300
     parents.append(trace.set_span_in_context(trace.INVALID_SPAN))
     for n, (remote, flags) in enumerate(
         [(True, 0x00), (True, 0x02), (True, 0x01), (True, 0x03), (False, 0x00), (True, 0x04)] * 5
@@ -267,8 +267,8 @@ def _parents() -> list[TraceContext | None]:
 
 def _start_all(
     provider: TracerProvider,
-    parents: Sequence[TraceContext | None],
-    start: Callable[[trace.Tracer, TraceContext | None], trace.Span],
+    parents: Sequence[TraceContext],
+    start: Callable[[trace.Tracer, TraceContext], trace.Span],
 ) -> tuple[list[tuple[SpanContext, bool]], int, list[tuple[Any, ...]]]:
     """Each span's context and whether it records, how often the SDK was asked to start a
     span, and what was exported; from a fixed random seed, so two runs draw the same ids."""
@@ -293,11 +293,11 @@ def _start_all(
     return started, sdk_calls, exported
 
 
-def _via_consumer_spans(chosen: trace.Tracer, parent: TraceContext | None) -> trace.Span:
-    return ConsumerSpans(chosen).start("process t", parent)
+def _via_consumer_spans(chosen: trace.Tracer, parent: TraceContext) -> trace.Span:
+    return ConsumerSpans(chosen).start("t", parent)
 
 
-def _via_the_sdk(chosen: trace.Tracer, parent: TraceContext | None) -> trace.Span:
+def _via_the_sdk(chosen: trace.Tracer, parent: TraceContext) -> trace.Span:
     return chosen.start_span("process t", context=parent, kind=SpanKind.CONSUMER)
 
 
@@ -336,7 +336,8 @@ def test_the_ratio_sampler_the_environment_asks_for_takes_the_fast_path(
 ) -> None:
     monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
     monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.25")
-    started, sdk_calls, exported = _start_all(tracer_provider(), [None] * 400, _via_consumer_spans)
+    roots = [TraceContext()] * 400
+    started, sdk_calls, exported = _start_all(tracer_provider(), roots, _via_consumer_spans)
     sampled = sum(recording for _, recording in started)
     assert 60 < sampled < 140 and sdk_calls == sampled == len(exported)
 
@@ -352,7 +353,7 @@ def test_the_ratio_sampler_the_environment_asks_for_takes_the_fast_path(
 def test_any_other_sampler_or_provider_starts_every_span_in_the_sdk(
     provider: Callable[[], TracerProvider],
 ) -> None:
-    started, sdk_calls, _ = _start_all(provider(), [None] * 30, _via_consumer_spans)
+    started, sdk_calls, _ = _start_all(provider(), [TraceContext()] * 30, _via_consumer_spans)
     assert sdk_calls == 30 and {recording for _, recording in started} == {True, False}
 
 
@@ -361,7 +362,7 @@ def test_with_the_sdks_internal_metrics_every_span_goes_through_the_sdk(
 ) -> None:
     monkeypatch.setenv("OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED", "true")
     provider = tracer_provider(sampler=ParentBased(TraceIdRatioBased(0.01)))
-    _, sdk_calls, _ = _start_all(provider, [None] * 30, _via_consumer_spans)
+    _, sdk_calls, _ = _start_all(provider, [TraceContext()] * 30, _via_consumer_spans)
     assert sdk_calls == 30
 
 
@@ -379,7 +380,7 @@ def test_a_message_without_trace_context_starts_a_trace_of_its_own(
 ) -> None:
     chosen = tracer(provider())
     with TracerProvider().get_tracer("test").start_as_current_span("ambient") as ambient:
-        span = ConsumerSpans(chosen).start("process t", None)
+        span = ConsumerSpans(chosen).start("t", TraceContext())
     assert span.get_span_context().is_valid and ambient.get_span_context().is_valid
     assert span.get_span_context().trace_id != ambient.get_span_context().trace_id
 

@@ -500,7 +500,7 @@ class ConsumerLoop:
         `start_as_current_span`, at a fraction of its cost."""
         envelope, message = item.envelope, item.message
         parent = telemetry.extract(message.headers, self._trace_fields)
-        span = self._consumer_spans.start(f"process {message.topic}", parent)
+        span = self._consumer_spans.start(message.topic, parent)
         token = otel_context.attach(trace.set_span_in_context(span, parent))
         recording = span.is_recording()  # False when not sampled
         try:

@@ -31,7 +31,6 @@ from opentelemetry.sdk.trace.sampling import (
     TraceIdRatioBased,
 )
 from opentelemetry.trace import (
-    INVALID_SPAN_CONTEXT,
     NonRecordingSpan,
     SpanContext,
     SpanKind,
@@ -45,6 +44,7 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.resources import Resource
 
 INSTRUMENTATION = f"{SERVICE_NAME}.runtime"
+_EMPTY_CONTEXT = TraceContext()
 
 
 def _exporter_names(kind: str) -> list[str]:
@@ -145,14 +145,13 @@ def propagation_fields() -> frozenset[str]:
     return frozenset(propagate.get_global_textmap().fields)
 
 
-def extract(
-    headers: Mapping[str, str], fields: frozenset[str] | None = None
-) -> TraceContext | None:
+def extract(headers: Mapping[str, str], fields: frozenset[str] | None = None) -> TraceContext:
     """The trace context a message carries in its headers (W3C traceparent, or what
-    OTEL_PROPAGATORS names); None, cheaply, when it carries none of `fields`."""
+    OTEL_PROPAGATORS names); empty, cheaply, when it carries none of `fields`. Never the
+    consuming process's current context: a message's handling is its own."""
     names = propagation_fields() if fields is None else fields
     if names.isdisjoint(headers):
-        return None
+        return _EMPTY_CONTEXT
     return propagate.extract(headers)
 
 
@@ -238,7 +237,6 @@ class ChosenTraceIds(RandomIdGenerator):
 
 _TRACE_ID_BITS = (1 << 128) - 1
 _NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
-_NO_PARENT = TraceContext()
 
 
 # What the SDK says of the sampler OTEL_TRACES_SAMPLER=parentbased_traceidratio (or
@@ -293,10 +291,9 @@ class _DroppedSpan(NonRecordingSpan):
     """A span the sampler dropped. Its SpanContext is made when first asked for: a handler
     that neither emits, logs nor starts spans never asks."""
 
-    def __init__(
+    def __init__(  # NonRecordingSpan's only state, its context, is made when asked for
         self, trace_id: int, span_id: int, flags: TraceFlags, state: TraceState | None = None
     ) -> None:
-        super().__init__(INVALID_SPAN_CONTEXT)
         self._parts = trace_id, span_id, flags, state
         self._made = False
 
@@ -332,9 +329,9 @@ class ConsumerSpans:
             _dropped_span_flags() if self._root_bound is not None else (_NOT_SAMPLED, {})
         )
 
-    def start(self, name: str, parent: TraceContext | None) -> trace.Span:
-        """A CONSUMER span, child of the span in `parent`; with no `parent` (the message
-        carried no trace context) the root of a new trace, whatever span is current."""
+    def start(self, destination: str, parent: TraceContext) -> trace.Span:
+        """The CONSUMER span "process `destination`", child of the span in `parent` (what
+        the message carries); the root of a new trace when `parent` is empty."""
         bound = self._root_bound
         if bound is not None:
             parent_span = trace.get_current_span(parent).get_span_context() if parent else None
@@ -348,7 +345,8 @@ class ConsumerSpans:
                 if flags is not None:
                     trace_id, state = parent_span.trace_id, parent_span.trace_state
                     return _DroppedSpan(trace_id, self._ids.draw_span_id(), flags, state)
-        return self._tracer.start_span(name, context=parent or _NO_PARENT, kind=SpanKind.CONSUMER)
+        name = f"process {destination}"
+        return self._tracer.start_span(name, context=parent, kind=SpanKind.CONSUMER)
 
 
 class LoopMetrics:
