@@ -37,9 +37,9 @@ from {{ cookiecutter.package_name }}.runtime.app import build_loop
 from {{ cookiecutter.package_name }}.runtime.brokers.memory import MemoryBroker, MemoryBus
 from {{ cookiecutter.package_name }}.runtime.config import Settings
 from {{ cookiecutter.package_name }}.runtime.logs import configure_logging
+from {{ cookiecutter.package_name }}.runtime.spans import ConsumerSpans
 from {{ cookiecutter.package_name }}.runtime.state.memory import MemoryStateStore
 from {{ cookiecutter.package_name }}.runtime.telemetry import (
-    ConsumerSpans,
     _exporter_names,
     inject,
     tracer,

@@ -56,6 +56,7 @@ from .errors import DeadLetter, UndecodableEvent
 from .health import Heartbeat
 from .logs import get_logger
 from .router import Context, Emitted, HandlerSpec, Router
+from .spans import ConsumerSpans
 from .state.base import Fenced, KeyState, StateStore, StateUnavailable
 
 CONTENT_TYPE_HEADER = "content-type"
@@ -166,7 +167,7 @@ class ConsumerLoop:
         self.stats = LoopStats()
         self.log = get_logger(service=settings.consumer_group)
         self.tracer = telemetry.tracer(tracer_provider)
-        self._consumer_spans = telemetry.ConsumerSpans(self.tracer)
+        self._consumer_spans = ConsumerSpans(self.tracer)
         self._tracing = telemetry.tracing_enabled(tracer_provider)
         self._trace_fields = telemetry.propagation_fields()
         self.metrics = telemetry.LoopMetrics(meter_provider)
