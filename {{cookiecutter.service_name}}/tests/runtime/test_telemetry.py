@@ -41,6 +41,7 @@ from {{ cookiecutter.package_name }}.runtime.spans import ConsumerSpans
 from {{ cookiecutter.package_name }}.runtime.state.memory import MemoryStateStore
 from {{ cookiecutter.package_name }}.runtime.telemetry import (
     _exporter_names,
+    extract,
     inject,
     tracer,
     tracer_provider,
@@ -380,7 +381,8 @@ def test_a_message_without_trace_context_starts_a_trace_of_its_own(
 ) -> None:
     chosen = tracer(provider())
     with TracerProvider().get_tracer("test").start_as_current_span("ambient") as ambient:
-        span = ConsumerSpans(chosen).start("t", TraceContext())
+        parent = extract({"x-key": "k"}, frozenset({"traceparent"}))  # no trace headers
+        span = ConsumerSpans(chosen).start("t", parent)
     assert span.get_span_context().is_valid and ambient.get_span_context().is_valid
     assert span.get_span_context().trace_id != ambient.get_span_context().trace_id
 
