@@ -40,6 +40,16 @@ def test_wire_format_is_the_cloudevents_protobuf_message() -> None:
     assert event.proto_data.type_url == "type.googleapis.com/google.protobuf.StringValue"
 
 
+def test_other_producers_events_decode_under_any_type_url_prefix_and_without_subject() -> None:
+    event = cloudevents_pb2.CloudEvent(
+        id="e-3", source="urn:other", spec_version="1.0", type="google.protobuf.StringValue"
+    )
+    event.proto_data.Pack(StringValue(value="hi"), type_url_prefix="example.com/types/")
+    decoded = CODEC.decode(event.SerializeToString())
+    assert (decoded.payload, decoded.subject) == (StringValue(value="hi"), "")
+    assert (decoded.time, decoded.extensions) == (None, {})
+
+
 def test_unknown_type_decodes_without_payload() -> None:
     data = CloudEventsProtobufCodec(TypeRegistry([Int64Value])).encode(
         Envelope("e-2", "google.protobuf.Int64Value", "urn:x", Int64Value(value=3))

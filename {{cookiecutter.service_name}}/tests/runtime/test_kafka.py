@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
@@ -42,6 +44,29 @@ def test_only_the_contiguous_prefix_of_finished_offsets_is_committed() -> None:
     offsets.finished.add(13)
     assert offsets.commit_point() == 14
     assert offsets.commit_point() is None
+
+
+def test_commit_points_follow_the_finished_prefix_in_any_order_of_finishing() -> None:
+    rng = random.Random(5)
+    for _ in range(300):
+        offsets = _Offsets()
+        delivered = sorted(rng.sample(range(1000), rng.randint(1, 40)))  # gaps: compaction
+        offsets.delivered += delivered
+        finishing = rng.sample(delivered, len(delivered))
+        finished: set[int] = set()
+        committed = 0  # offsets of the delivered prefix committed so far
+        while finishing:
+            now = finishing[: rng.randint(1, 6)]
+            del finishing[: len(now)]
+            offsets.finished.update(now)
+            finished.update(now)
+            prefix = committed
+            while prefix < len(delivered) and delivered[prefix] in finished:
+                prefix += 1
+            expected = delivered[prefix - 1] + 1 if prefix > committed else None
+            assert offsets.commit_point() == expected
+            committed = prefix
+        assert offsets.delivered == [] and offsets.finished == set()
 
 
 def test_bootstrap_servers_come_from_the_url() -> None:

@@ -121,11 +121,15 @@ class TypeRegistry:
 
     def __init__(self, message_types: Iterable[type[Message]] = ()) -> None:
         self._types: dict[str, type[Message]] = {}
+        # What decoding looks up per event: the class and the type URL it is packed under.
+        self.unpacking: dict[str, tuple[type[Message], str]] = {}
         for message_type in message_types:
             self.add(message_type)
 
     def add(self, message_type: type[Message]) -> None:
-        self._types[event_type_of(message_type)] = message_type
+        type_name = event_type_of(message_type)
+        self._types[type_name] = message_type
+        self.unpacking[type_name] = (message_type, TYPE_URL_PREFIX + type_name)
 
     def get(self, type_name: str) -> type[Message] | None:
         return self._types.get(type_name)
@@ -188,9 +192,8 @@ class CloudEventsProtobufCodec:
         return event.SerializeToString()
 
     def decode(self, data: bytes) -> Envelope:
-        event = _CloudEvent()
         try:
-            event.ParseFromString(data)
+            event = _CloudEvent.FromString(data)
         except DecodeError as error:
             raise UndecodableEvent("undecodable", f"not a CloudEvent protobuf: {error}") from None
         event_id, event_type = event.id, event.type
@@ -200,23 +203,26 @@ class CloudEventsProtobufCodec:
                 f"needs id, type and specversion {SPEC_VERSION} "
                 f"(got id={event_id!r} type={event_type!r} specversion={event.spec_version!r})",
             )
-        subject = event.attributes.get("subject")
         envelope = Envelope(
             event_id,
             event_type,
             event.source,
             self._unpack(event, event_type),
-            subject.ce_string if subject is not None else "",
+            # Indexing adds an empty attribute when there is none (its text is ""): cheaper
+            # than .get(), and this parsed copy is dropped after decoding.
+            event.attributes["subject"].ce_string,
         )
         envelope._wire = data
         return envelope
 
     def _unpack(self, event: cloudevents_pb2.CloudEvent, event_type: str) -> Message | None:
-        message_type = self.registry.get(event_type)
-        if message_type is None:
+        known = self.registry.unpacking.get(event_type)
+        if known is None:
             return None  # the loop dead-letters unknown types; decoding itself succeeded
+        message_type, type_url = known
         packed: any_pb2.Any = event.proto_data  # an empty Any if the data is not protobuf
-        if packed.type_url.rpartition("/")[2] != event_type:  # any type URL prefix
+        # The type URL this codec writes, or the same type under any other prefix.
+        if packed.type_url != type_url and packed.type_url.rpartition("/")[2] != event_type:
             if event.WhichOneof("data") != "proto_data":
                 detail = f"{event_type} carries no protobuf payload"
             else:

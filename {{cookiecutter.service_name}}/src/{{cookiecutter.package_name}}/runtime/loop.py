@@ -422,6 +422,8 @@ class ConsumerLoop:
     ) -> dict[tuple[str, str], _KeySlot]:
         """State of every key a stateful handler will see: one read per stream, and none
         for keys an exclusive stream's owner already holds."""
+        if not self.router.has_stateful():
+            return {}
         found: dict[str, dict[str, KeyState]] = defaultdict(dict)
         missing: dict[str, list[str]] = defaultdict(list)
         no_cache: Mapping[str, KeyState] = {}  # shared streams: read every batch

@@ -130,6 +130,10 @@ class Router:
     def get(self, event_type: str) -> HandlerSpec | None:
         return self._specs.get(event_type)
 
+    def has_stateful(self) -> bool:
+        """Whether any handler keeps per-key state (only then are key states loaded)."""
+        return any(spec.stateful for spec in self._specs.values())
+
     def event_types(self) -> list[str]:
         return sorted(self._specs)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from collections.abc import Sequence
-from itertools import groupby
+from itertools import groupby, islice
 from operator import attrgetter
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -84,6 +84,14 @@ class _Offsets:
 
     def commit_point(self) -> int | None:
         """Offset to commit (next to read), or None if the oldest delivery is unfinished."""
+        finished = len(self.finished)
+        if 0 < finished <= len(self.delivered) and self.finished.issuperset(
+            islice(self.delivered, finished)
+        ):  # the usual case, checked in C: what finished is exactly the oldest deliveries
+            point = self.delivered[finished - 1] + 1
+            del self.delivered[:finished]
+            self.finished.clear()
+            return point
         done = 0
         while done < len(self.delivered) and self.delivered[done] in self.finished:
             self.finished.discard(self.delivered[done])
