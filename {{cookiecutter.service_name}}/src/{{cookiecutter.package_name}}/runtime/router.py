@@ -110,6 +110,8 @@ class Router:
 
     def __init__(self) -> None:
         self._specs: dict[str, HandlerSpec] = {}
+        # The handler of an event type, or None: asked once per event, so the dict's own method.
+        self.get: Callable[[str], HandlerSpec | None] = self._specs.get
 
     def handles(
         self, message_type: type[M], *, stateful: bool = False
@@ -126,9 +128,6 @@ class Router:
             return handler
 
         return register
-
-    def get(self, event_type: str) -> HandlerSpec | None:
-        return self._specs.get(event_type)
 
     def has_stateful(self) -> bool:
         """Whether any handler keeps per-key state (only then are key states loaded)."""
