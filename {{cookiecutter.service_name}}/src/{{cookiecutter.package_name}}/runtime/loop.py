@@ -410,9 +410,12 @@ class ConsumerLoop:
         if done is None:  # a shared stream: no progress, ids alone tell
             return messages
         messages = list(messages)
-        after = max(message.position for message in messages) + 1
+        positions = [message.position for message in messages]
+        after = max(positions) + 1
         if after > result.progress.get(stream, done):
             result.progress[stream] = after
+        if min(positions) >= done:  # the usual case: nothing was handled before
+            return messages
         fresh = [message for message in messages if message.position >= done]
         result.duplicates += len(messages) - len(fresh)
         return fresh
