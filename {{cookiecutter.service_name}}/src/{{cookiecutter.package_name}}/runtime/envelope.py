@@ -120,22 +120,22 @@ class TypeRegistry:
     """Maps event type names to protobuf message classes."""
 
     def __init__(self, message_types: Iterable[type[Message]] = ()) -> None:
-        self._types: dict[str, type[Message]] = {}
-        # What decoding looks up per event: the class and the type URL it is packed under.
+        # By type name: the class and the type URL it is packed under (what decoding
+        # looks up per event).
         self.unpacking: dict[str, tuple[type[Message], str]] = {}
         for message_type in message_types:
             self.add(message_type)
 
     def add(self, message_type: type[Message]) -> None:
         type_name = event_type_of(message_type)
-        self._types[type_name] = message_type
         self.unpacking[type_name] = (message_type, TYPE_URL_PREFIX + type_name)
 
     def get(self, type_name: str) -> type[Message] | None:
-        return self._types.get(type_name)
+        known = self.unpacking.get(type_name)
+        return known[0] if known is not None else None
 
     def names(self) -> list[str]:
-        return sorted(self._types)
+        return sorted(self.unpacking)
 
     @classmethod
     def from_package(cls, package: ModuleType) -> TypeRegistry:
