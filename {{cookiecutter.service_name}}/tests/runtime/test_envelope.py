@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.message import Message
 from google.protobuf.wrappers_pb2 import Int64Value, StringValue
 
 from {{ cookiecutter.package_name }}.events import cloudevents_pb2
@@ -29,7 +31,8 @@ def test_round_trip_keeps_every_attribute() -> None:
         time=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
         extensions={"causationid": "e-0"},
     )
-    assert CODEC.decode(CODEC.encode(sent)) == sent
+    for _ in range(2):  # the second time on the guessed type
+        assert CODEC.decode(CODEC.encode(sent)) == sent
 
 
 def test_wire_format_is_the_cloudevents_protobuf_message() -> None:
@@ -75,6 +78,98 @@ def test_bad_bytes_raise_undecodable_with_a_reason(data: bytes, reason: str) -> 
     with pytest.raises(UndecodableEvent) as caught:
         CODEC.decode(data)
     assert caught.value.reason == reason
+
+
+def _event(event_id: str, payload: Message, subject: str = "") -> Envelope:
+    return Envelope(event_id, payload.DESCRIPTOR.full_name, "urn:x", payload, subject)
+
+
+def test_events_decode_alike_whatever_type_came_before() -> None:
+    """Decoding guesses the type of the event before: every guess, right or wrong, and
+    every kind of bad event behind it, gives what the general path gives."""
+    codec = CloudEventsProtobufCodec(TypeRegistry([StringValue, Int64Value]))
+    sent = [
+        _event("s-1", StringValue(value="a"), "k1"),
+        _event("s-2", StringValue(value="b")),
+        _event("i-1", Int64Value(value=7), "k2"),
+        _event("s-3", StringValue(value="c"), "k3"),
+        _event("i-2", Int64Value()),  # an empty payload: no value bytes on the wire
+    ]
+    for first in sent:
+        for second in sent:
+            codec.decode(codec.encode(first))  # sets the guess
+            decoded = codec.decode(codec.encode(second))
+            assert decoded == second
+            assert type(decoded.payload) is type(second.payload)
+    codec.decode(codec.encode(sent[0]))
+    foreign = cloudevents_pb2.CloudEvent(id="f-1", spec_version="1.0", type=sent[0].type)
+    foreign.proto_data.Pack(StringValue(value="hi"), type_url_prefix="example.com/types/")
+    assert codec.decode(foreign.SerializeToString()).payload == StringValue(value="hi")
+
+
+@pytest.mark.parametrize(
+    ("event", "reason"),
+    [
+        (  # the payload's bytes are not a StringValue (invalid UTF-8)
+            cloudevents_pb2.CloudEvent(
+                id="x",
+                type="google.protobuf.StringValue",
+                spec_version="1.0",
+                proto_data={
+                    "type_url": "type.googleapis.com/google.protobuf.StringValue",
+                    "value": b"\n\x02\xff\xfe",
+                },
+            ),
+            "schema-mismatch",
+        ),
+        (  # packed as another type
+            cloudevents_pb2.CloudEvent(
+                id="x",
+                type="google.protobuf.StringValue",
+                spec_version="1.0",
+                proto_data={"type_url": "type.googleapis.com/google.protobuf.Int64Value"},
+            ),
+            "schema-mismatch",
+        ),
+        (
+            cloudevents_pb2.CloudEvent(
+                id="x", type="google.protobuf.StringValue", spec_version="1.0", text_data="hi"
+            ),
+            "schema-mismatch",
+        ),
+        (
+            cloudevents_pb2.CloudEvent(
+                id="", type="google.protobuf.StringValue", spec_version="1.0"
+            ),
+            "invalid-envelope",
+        ),
+    ],
+)
+def test_bad_events_after_a_good_one_of_their_type_get_the_same_reason(
+    event: cloudevents_pb2.CloudEvent, reason: str
+) -> None:
+    codec = CloudEventsProtobufCodec(TypeRegistry([StringValue]))
+    codec.decode(codec.encode(_event("s-1", StringValue(value="a"))))
+    with pytest.raises(UndecodableEvent) as caught:
+        codec.decode(event.SerializeToString())
+    assert caught.value.reason == reason
+
+
+def test_payload_types_from_another_descriptor_pool_decode() -> None:
+    pool = descriptor_pool.DescriptorPool()
+    file = descriptor_pb2.FileDescriptorProto(name="other/thing.proto", package="other")
+    file.message_type.add(name="Thing").field.add(
+        name="n",
+        number=1,
+        type=descriptor_pb2.FieldDescriptorProto.TYPE_INT64,
+        label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL,
+    )
+    pool.Add(file)
+    thing = message_factory.GetMessageClass(pool.FindMessageTypeByName("other.Thing"))
+    codec = CloudEventsProtobufCodec(TypeRegistry([thing]))
+    sent = _event("t-1", thing(n=5), "k")
+    for _ in range(2):
+        assert codec.decode(codec.encode(sent)) == sent
 
 
 def test_derived_ids_are_stable_and_distinct() -> None:

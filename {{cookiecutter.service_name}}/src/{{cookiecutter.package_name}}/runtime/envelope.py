@@ -5,12 +5,13 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from types import ModuleType
-from typing import Protocol
+from typing import Any, Protocol, cast
 
-from google.protobuf import any_pb2, timestamp_pb2
+from google.protobuf import any_pb2, descriptor_pb2, message_factory, timestamp_pb2
+from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import DecodeError, Message
 
 from ..events import cloudevents_pb2
@@ -26,6 +27,11 @@ EMIT_ID_NAMESPACE = uuid.UUID("6f1c6a3e-3f55-4b8e-9a51-0c1b7d2b9e10")
 _CloudEvent = cloudevents_pb2.CloudEvent
 _KNOWN_ATTRIBUTES = ("subject", "time", "datacontenttype", "dataschema")
 _Attribute = cloudevents_pb2.CloudEvent.CloudEventAttributeValue
+# Package of the parsing-only messages built per payload type (see _one_pass_parser).
+_ONE_PASS_PACKAGE = "event_service_runtime.one_pass"
+# What parses an envelope and its payload in one pass: its own parsed-message type.
+_Parser = Callable[[bytes], Any]
+_one_pass_parsers: dict[type[Message], _Parser | None] = {}
 
 
 def derive_event_id(parent_id: str, position: int) -> str:
@@ -163,12 +169,20 @@ class EnvelopeCodec(Protocol):
 
 
 class CloudEventsProtobufCodec:
-    """CloudEvents protobuf format (io.cloudevents.v1.CloudEvent), payload in `proto_data`."""
+    """CloudEvents protobuf format (io.cloudevents.v1.CloudEvent), payload in `proto_data`.
+
+    Decoding first tries the payload type of the event before it (a topic carries one
+    type) with a message that reads the envelope and that payload in one parse; anything
+    that does not fit that guess takes the general path, which alone decides what is wrong
+    with an event.
+    """
 
     content_type = CONTENT_TYPE
 
     def __init__(self, registry: TypeRegistry) -> None:
         self.registry = registry
+        # (event type, its type URL, its one-pass parser) of the last event decoded.
+        self._guess: tuple[str, str, _Parser] | None = None
 
     def encode(self, envelope: Envelope) -> bytes:
         if envelope.payload is None:
@@ -192,6 +206,26 @@ class CloudEventsProtobufCodec:
         return event.SerializeToString()
 
     def decode(self, data: bytes) -> Envelope:
+        guess = self._guess
+        if guess is not None:
+            event_type, type_url, parse = guess
+            try:
+                event = parse(data)
+            except DecodeError:
+                pass  # perhaps another type; the general path tells
+            else:
+                packed = event.proto_data
+                found_url = packed.type_url
+                if (
+                    event.type == event_type
+                    and event.id
+                    and event.spec_version == SPEC_VERSION
+                    and (found_url == type_url or _packs(found_url, type_url, event_type))
+                ):
+                    return _envelope(event, packed.value, data)
+        return self._decode_any(data)
+
+    def _decode_any(self, data: bytes) -> Envelope:
         try:
             event = _CloudEvent.FromString(data)
         except DecodeError as error:
@@ -203,17 +237,7 @@ class CloudEventsProtobufCodec:
                 f"needs id, type and specversion {SPEC_VERSION} "
                 f"(got id={event_id!r} type={event_type!r} specversion={event.spec_version!r})",
             )
-        envelope = Envelope(
-            event_id,
-            event_type,
-            event.source,
-            self._unpack(event, event_type),
-            # Indexing adds an empty attribute when there is none (its text is ""): cheaper
-            # than .get(), and this parsed copy is dropped after decoding.
-            event.attributes["subject"].ce_string,
-        )
-        envelope._wire = data
-        return envelope
+        return _envelope(event, self._unpack(event, event_type), data)
 
     def _unpack(self, event: cloudevents_pb2.CloudEvent, event_type: str) -> Message | None:
         known = self.registry.unpacking.get(event_type)
@@ -221,17 +245,100 @@ class CloudEventsProtobufCodec:
             return None  # the loop dead-letters unknown types; decoding itself succeeded
         message_type, type_url = known
         packed: any_pb2.Any = event.proto_data  # an empty Any if the data is not protobuf
-        # The type URL this codec writes, or the same type under any other prefix.
-        if packed.type_url != type_url and packed.type_url.rpartition("/")[2] != event_type:
+        if not _packs(packed.type_url, type_url, event_type):
             if event.WhichOneof("data") != "proto_data":
                 detail = f"{event_type} carries no protobuf payload"
             else:
                 detail = f"type {event_type} but payload is {packed.type_url}"
             raise UndecodableEvent("schema-mismatch", detail)
         try:
-            return message_type.FromString(packed.value)
+            payload = message_type.FromString(packed.value)
         except DecodeError as error:
             raise UndecodableEvent("schema-mismatch", f"{event_type}: {error}") from None
+        parse = _one_pass_parser(message_type)
+        if parse is not None:
+            self._guess = (event_type, type_url, parse)
+        return payload
+
+
+def _packs(found_url: str, type_url: str, event_type: str) -> bool:
+    """Whether an Any's type URL names `event_type`: the URL this codec writes (compared
+    first, no parsing), or the same type under any other producer's prefix."""
+    return found_url == type_url or found_url.rpartition("/")[2] == event_type
+
+
+def _envelope(event: Any, payload: Message | None, data: bytes) -> Envelope:
+    """`event` is a CloudEvent, or the one-pass message with the same attributes."""
+    envelope = Envelope(
+        event.id,
+        event.type,
+        event.source,
+        payload,
+        # Indexing adds an empty attribute when there is none (its text is ""): cheaper
+        # than .get(), and this parsed copy is dropped after decoding.
+        event.attributes["subject"].ce_string,
+    )
+    envelope._wire = data
+    return envelope
+
+
+def _one_pass_parser(message_type: type[Message]) -> _Parser | None:
+    """Parses a message with CloudEvent's wire format whose `proto_data` is an Any with
+    `value` declared as `message_type` (bytes and an embedded message look alike on the
+    wire): the envelope and its payload in one parse, the payload bytes never copied out.
+    None when the payload's descriptor pool cannot hold it (the general path then serves)."""
+    if message_type not in _one_pass_parsers:
+        _one_pass_parsers[message_type] = _build_one_pass_parser(message_type)
+    return _one_pass_parsers[message_type]
+
+
+def _build_one_pass_parser(message_type: type[Message]) -> _Parser | None:
+    payload = message_type.DESCRIPTOR
+    pool = payload.file.pool
+    package = f"{_ONE_PASS_PACKAGE}.{payload.full_name}"
+    name = f"{package}.CloudEvent"
+    try:
+        return _parser_of(pool.FindMessageTypeByName(name))
+    except KeyError:
+        pass  # not built yet (another codec in this process may have built it)
+    cloud_event = _CloudEvent.DESCRIPTOR
+    file = descriptor_pb2.FileDescriptorProto(
+        name=f"{package.replace('.', '/')}.proto",
+        package=package,
+        syntax="proto3",
+        dependency=sorted({cloud_event.file.name, payload.file.name}),
+    )
+    envelope = file.message_type.add()
+    cloud_event.CopyToProto(envelope)
+    # The attribute values stay CloudEvent's own type; only the map entry must be nested.
+    kept = [nested for nested in envelope.nested_type if nested.options.map_entry]
+    del envelope.nested_type[:]
+    envelope.nested_type.extend(kept)
+    for envelope_field in envelope.field:
+        if envelope_field.name == "attributes":
+            envelope_field.type_name = f".{package}.CloudEvent.AttributesEntry"
+        elif envelope_field.name == "proto_data":
+            envelope_field.type_name = f".{package}.Any"
+    packed = file.message_type.add(name="Any")
+    text, message, optional = (
+        descriptor_pb2.FieldDescriptorProto.TYPE_STRING,
+        descriptor_pb2.FieldDescriptorProto.TYPE_MESSAGE,
+        descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL,
+    )
+    packed.field.add(name="type_url", number=1, type=text, label=optional)
+    packed.field.add(
+        name="value", number=2, type=message, label=optional, type_name=f".{payload.full_name}"
+    )
+    try:
+        pool.Add(file)
+        return _parser_of(pool.FindMessageTypeByName(name))
+    except (TypeError, KeyError, ValueError):
+        return None
+
+
+def _parser_of(descriptor: object) -> _Parser:
+    parse: _Parser = message_factory.GetMessageClass(cast(Descriptor, descriptor)).FromString
+    return parse
 
 
 def _to_datetime(timestamp: timestamp_pb2.Timestamp) -> datetime:
