@@ -87,9 +87,8 @@ class _Work:
     spec: HandlerSpec
 
 
-# What handling one event came to: emitted events, a dead letter, or None when the key's
-# stored state shows it was applied already.
-_Outcome = list[Emitted] | DeadLetterRecord | None
+# What handling one event came to: the events it emitted, or a dead letter.
+_Outcome = Sequence[Emitted] | DeadLetterRecord
 
 
 @dataclass(slots=True)
@@ -488,9 +487,15 @@ class ConsumerLoop:
                 slot = slots.get(group)
                 for item in items:
                     if slot is not None and item.envelope.id in slot.stored.applied:
-                        self._collect(item, None, result)
-                    else:
-                        self._collect(item, await handle(item, slot), result)
+                        result.duplicates += 1  # its key's stored state has it already
+                        continue
+                    outcome = await handle(item, slot)
+                    if isinstance(outcome, DeadLetterRecord):
+                        result.dead.append(outcome)
+                        continue
+                    result.handled += 1
+                    if outcome:
+                        self._collect_emitted(item, outcome, result)
 
         async def more_workers() -> None:
             extra = min(self.settings.max_concurrency - 1, len(groups) - taken)
@@ -499,9 +504,7 @@ class ConsumerLoop:
 
         await asyncio.gather(worker(), more_workers())
 
-    async def _handle_traced(
-        self, item: _Work, slot: _KeySlot | None
-    ) -> list[Emitted] | DeadLetterRecord:
+    async def _handle_traced(self, item: _Work, slot: _KeySlot | None) -> _Outcome:
         """The span is started and made current by hand: the same as
         `start_as_current_span`, at a fraction of its cost."""
         envelope, message = item.envelope, item.message
@@ -532,7 +535,7 @@ class ConsumerLoop:
 
     async def _handle_in_span(
         self, item: _Work, slot: _KeySlot | None, span: trace.Span = trace.INVALID_SPAN
-    ) -> list[Emitted] | DeadLetterRecord:
+    ) -> _Outcome:
         """Handle one event (in `span`, or in none when there is no tracing SDK). The
         handler's first attempt runs directly; only a failure pays for the retry machinery
         (tenacity), which then replays that failure as its attempt 1."""
@@ -650,7 +653,7 @@ class ConsumerLoop:
             attributes["messaging.kafka.offset"] = message.position
         return attributes
 
-    def _trace_emits(self, parent: Envelope, emitted: list[Emitted]) -> None:
+    def _trace_emits(self, parent: Envelope, emitted: Sequence[Emitted]) -> None:
         """A producer span per emitted event, child of the consumer span; its context
         travels in the event's headers so the next service continues the trace."""
         for event in emitted:
@@ -680,18 +683,9 @@ class ConsumerLoop:
             delay_s=round(state.upcoming_sleep, 3),
         )
 
-    def _collect(self, item: _Work, outcome: _Outcome, result: _Batch) -> None:
-        if outcome is None:  # its key's stored state shows it was applied already
-            result.duplicates += 1
-            return
-        if isinstance(outcome, DeadLetterRecord):
-            result.dead.append(outcome)
-            return
-        result.handled += 1
-        if not outcome:
-            return
-        result.emitted += len(outcome)
-        result.outbound.extend(self._to_outbound(item.envelope, emitted) for emitted in outcome)
+    def _collect_emitted(self, item: _Work, emitted: Sequence[Emitted], result: _Batch) -> None:
+        result.emitted += len(emitted)
+        result.outbound.extend(self._to_outbound(item.envelope, event) for event in emitted)
 
     def _to_outbound(self, parent: Envelope, emitted: Emitted) -> OutboundMessage:
         event_type = event_type_of(emitted.message)

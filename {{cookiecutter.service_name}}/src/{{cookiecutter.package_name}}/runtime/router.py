@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -101,8 +101,9 @@ class Context:
         )
 
     @property
-    def emitted(self) -> list[Emitted]:
-        return list(self._emitted)
+    def emitted(self) -> Sequence[Emitted]:
+        """The events emitted so far, in order (read-only: `emit` adds to them)."""
+        return self._emitted
 
 
 class Router:
