@@ -132,7 +132,7 @@ class _Batch:
     outbound: list[OutboundMessage] = field(default_factory=list)
     dead: list[DeadLetterRecord] = field(default_factory=list)
     processed: dict[str, list[tuple[str, float]]] = field(default_factory=lambda: defaultdict(list))
-    digests: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
+    digests: dict[str, list[bytes]] = field(default_factory=lambda: defaultdict(list))
     recorded_at: float = 0.0  # when the batch's ids count as handled
     fences: dict[str, int | None] = field(default_factory=dict)  # per stream, when handled
     handled: int = 0
@@ -368,7 +368,7 @@ class ConsumerLoop:
             self.codec.decode,
             self.router.get,
         )
-        seen_in_batch: dict[str, set[int]] = defaultdict(set)
+        seen_in_batch: dict[str, set[bytes]] = defaultdict(set)
         for stream, run in groupby(batch, key=attrgetter("stream")):
             messages = self._not_checkpointed(stream, run, result)
             known, seen = self._windows[stream].has, seen_in_batch[stream]
