@@ -113,6 +113,21 @@ async def test_the_horizon_bounds_what_is_kept(new_store: StoreFactory) -> None:
     assert "e9-9" in kept and "e0-0" not in kept
 
 
+async def test_the_horizon_holds_across_a_restart(new_store: StoreFactory) -> None:
+    first = new_store(max_ids=30, ttl_s=3600)
+    await first.open()
+    for batch in range(5):
+        await first.commit("s", [(f"a{batch}-{n}", time.time()) for n in range(10)], None)
+    second = new_store(max_ids=30, ttl_s=3600)  # a new process: learns what is kept
+    await second.open()
+    await second.load("s")
+    for batch in range(5):
+        await second.commit("s", [(f"b{batch}-{n}", time.time()) for n in range(10)], None)
+    kept = ids((await second.load("s")).records)
+    assert 30 <= len(kept) <= 40
+    assert "b4-9" in kept and "a4-9" not in kept
+
+
 async def test_old_records_expire(new_store: StoreFactory) -> None:
     store = new_store(ttl_s=1.0)
     await store.open()

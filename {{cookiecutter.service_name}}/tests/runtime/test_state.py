@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import uuid
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ from {{ cookiecutter.package_name }}.runtime import Context, Router
 from {{ cookiecutter.package_name }}.runtime.config import ENV_PREFIX, load_settings
 from {{ cookiecutter.package_name }}.runtime.errors import ConfigError
 from {{ cookiecutter.package_name }}.runtime.state import open_state_store
+from {{ cookiecutter.package_name }}.runtime.state.etcd import CHUNK_BYTES, _chunks
 from {{ cookiecutter.package_name }}.runtime.testing import ServiceHarness
 
 
@@ -38,3 +41,21 @@ def test_sqlite_url_without_a_path_is_one_line(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv(f"{ENV_PREFIX}STATE_URL", "sqlite://")
     with pytest.raises(ConfigError, match="give a file"):
         open_state_store(load_settings())
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [
+        [str(uuid.uuid4()) for _ in range(500)],  # the usual batch: one chunk
+        ["\N{GRINNING FACE}" * 1000 + str(n) for n in range(300)],  # 12 bytes a character
+        ['\x01"' * 2000 + str(n) for n in range(300)],  # escaped control characters
+    ],
+)
+def test_etcd_id_chunks_stay_within_the_request_limit(ids: list[str]) -> None:
+    chunks = _chunks(ids)
+    assert [event_id for chunk in chunks for event_id in chunk] == ids
+    wrapper = len("[1700000000.123456,[]]")  # the time the ids are stored with
+    for chunk in chunks:
+        assert len(json.dumps([1700000000.123456, chunk], separators=(",", ":"))) <= (
+            CHUNK_BYTES + wrapper
+        )

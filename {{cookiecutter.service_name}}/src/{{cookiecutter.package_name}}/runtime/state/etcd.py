@@ -104,7 +104,7 @@ class EtcdStateStore(StateStore):
         self._root = f"{etcd.etcd_key_prefix.rstrip('/')}/{settings.consumer_group}/".encode()
         self._lease: tuple[int, float] | None = None  # (lease id, granted at)
         # Batch keys per stream (oldest first) with their id counts: the count horizon.
-        self._batches: dict[str, OrderedDict[bytes, int]] = {}
+        self._batches: dict[str, _BatchCounts] = {}
 
     @property
     def ttl_s(self) -> float:
@@ -149,11 +149,11 @@ class EtcdStateStore(StateStore):
             start = prefix + (f"{max(0, after - CLOCK_SKEW_NS):020d}".encode() if after else b"")
             response = await client.get_range(start, prefix_range_end(prefix))
             oldest_allowed = self.clock() - self.ttl_s
-            batches = self._batches.setdefault(stream, OrderedDict())
+            batches = self._batches.setdefault(stream, _BatchCounts())
             records: list[tuple[str, float]] = []
             for item in sorted(response, key=lambda kv: kv.key):
                 recorded_at, ids = json.loads(item.value)
-                batches[item.key] = len(ids)
+                batches.put(item.key, len(ids))
                 if recorded_at >= oldest_allowed:
                     records += [(event_id, float(recorded_at)) for event_id in ids]
             progress = None if after else await client.get(self._key(stream, "progress"))
@@ -221,7 +221,7 @@ class EtcdStateStore(StateStore):
     ) -> None:
         """One transaction; the last part of a commit also deletes ids beyond the horizon."""
         client = await self._connected()
-        batches = self._batches.setdefault(stream, OrderedDict())
+        batches = self._batches.setdefault(stream, _BatchCounts())
         adding = sum(counts.get(write.key, 0) for write in writes)
         expired = self._beyond_count_horizon(batches, adding) if last else []
         if fence is not None:
@@ -247,16 +247,16 @@ class EtcdStateStore(StateStore):
                 raise Fenced(stream)
             raise Conflict(stream, ", ".join(w.state_of for w in writes if w.state_of))
         for old in expired:
-            batches.pop(old, None)
+            batches.drop(old)
         for write in writes:
             if write.key in counts:
-                batches[write.key] = counts[write.key]
+                batches.put(write.key, counts[write.key])
 
-    def _beyond_count_horizon(self, batches: OrderedDict[bytes, int], adding: int) -> list[bytes]:
+    def _beyond_count_horizon(self, batches: _BatchCounts, adding: int) -> list[bytes]:
         """Oldest batch keys to delete so the stream keeps at most DEDUPE_MAX_IDS ids."""
-        total = sum(batches.values()) + adding
+        total = batches.total + adding
         expired: list[bytes] = []
-        for key, count in batches.items():
+        for key, count in batches.counts.items():
             if total <= self.settings.dedupe_max_ids or len(expired) >= MAX_DELETES_PER_TXN:
                 break
             expired.append(key)
@@ -324,6 +324,24 @@ class _TlsClient(aetcd.Client):  # type: ignore[misc]
         self._connected.set()
 
 
+class _BatchCounts:
+    """One stream's batch keys, oldest first, with their id counts and the sum of those
+    (kept as they change: a window of a million ids has thousands of batches)."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts: OrderedDict[bytes, int] = OrderedDict()
+        self.total = 0
+
+    def put(self, key: bytes, count: int) -> None:
+        self.total += count - self.counts.get(key, 0)
+        self.counts[key] = count
+
+    def drop(self, key: bytes) -> None:
+        self.total -= self.counts.pop(key, 0)
+
+
 @dataclass(frozen=True, slots=True)
 class _Put:
     key: bytes
@@ -348,10 +366,15 @@ def _transactions(writes: list[_Put]) -> list[list[_Put]]:
 
 
 def _chunks(ids: list[str]) -> list[list[str]]:
+    """Ids in runs whose JSON (ASCII, escaped) stays within CHUNK_BYTES."""
+    # At most 12 bytes per character escaped (a surrogate pair), 3 per id for the quotes
+    # and the comma: the usual batch is far below, and needs no sizing id by id.
+    if 12 * sum(map(len, ids)) + 3 * len(ids) <= CHUNK_BYTES:
+        return [ids]
     chunks: list[list[str]] = [[]]
     size = 0
     for event_id in ids:
-        cost = len(event_id.encode()) + 4
+        cost = len(json.dumps(event_id)) + 1
         if chunks[-1] and size + cost > CHUNK_BYTES:
             chunks.append([])
             size = 0
