@@ -56,9 +56,11 @@ class CountingStore:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    async def commit(self, stream: str, processed: Any, fence: Any, **more: Any) -> None:
+    async def commit(
+        self, stream: str, ids: Any, recorded_at: float, fence: Any, **more: Any
+    ) -> None:
         self.commits += 1
-        await self.inner.commit(stream, processed, fence, **more)
+        await self.inner.commit(stream, ids, recorded_at, fence, **more)
 
 
 async def write_rate(rate: int) -> dict[str, float]:
@@ -126,8 +128,8 @@ async def restore_seconds(url: str, count: int) -> dict[str, float]:
     now = time.time()
     batch = 5000
     for start in range(0, count, batch):
-        records = [(str(uuid.UUID(int=n)), now) for n in range(start, start + batch)]
-        await store.commit("s", records, None)
+        ids = [str(uuid.UUID(int=n)) for n in range(start, start + batch)]
+        await store.commit("s", ids, now, None)
     write_s = time.perf_counter() - written
     await store.close()
 

@@ -239,7 +239,7 @@ async def test_etcd_over_mutual_tls_uses_the_configured_ca_and_certificate(
     monkeypatch.setenv(f"{ENV_PREFIX}ETCD_TLS_CERT_FILE", str(tls_etcd.tls["client_cert"]))
     monkeypatch.setenv(f"{ENV_PREFIX}ETCD_TLS_KEY_FILE", str(tls_etcd.tls["client_key"]))
     store = open_state_store(settings)
-    await store.commit("s", [("over-tls", time.time())], None)
+    await store.commit("s", ["over-tls"], time.time(), None)
     assert [event_id for event_id, _ in (await store.load("s")).records] == ["over-tls"]
     await store.close()
 

@@ -147,12 +147,12 @@ class StateFirstStore(MemoryStateStore):
     crash_after_states = True
 
     async def commit(
-        self, stream: str, processed: Sequence[tuple[str, float]], fence: int | None, **more: Any
+        self, stream: str, ids: Sequence[str], recorded_at: float, fence: int | None, **more: Any
     ) -> None:
         if self.crash_after_states and more.get("states"):
-            await super().commit(stream, [], fence, states=more["states"])
+            await super().commit(stream, [], recorded_at, fence, states=more["states"])
             await asyncio.Event().wait()  # killed here
-        await super().commit(stream, processed, fence, **more)
+        await super().commit(stream, ids, recorded_at, fence, **more)
 
 
 @pytest.mark.parametrize("exclusive", [False, True])
@@ -186,13 +186,13 @@ class RacedStore(MemoryStateStore):
     raced = False
 
     async def commit(
-        self, stream: str, processed: Sequence[tuple[str, float]], fence: int | None, **more: Any
+        self, stream: str, ids: Sequence[str], recorded_at: float, fence: int | None, **more: Any
     ) -> None:
         if not self.raced:
             self.raced = True
             newer = {"k": KeyState(b'{"count":41}', ("other",), 0)}
-            await super().commit(stream, [("other", time.time())], None, states=newer)
-        await super().commit(stream, processed, fence, **more)
+            await super().commit(stream, ["other"], time.time(), None, states=newer)
+        await super().commit(stream, ids, recorded_at, fence, **more)
 
 
 async def test_a_replica_that_read_stale_state_does_not_overwrite_it() -> None:

@@ -69,8 +69,10 @@ async def test_ack_comes_after_publish_and_checkpoint() -> None:
     journal = Journal()
 
     class JournalingStore(MemoryStateStore):
-        async def commit(self, stream: str, processed: Any, fence: int | None, **more: Any) -> None:
-            await super().commit(stream, processed, fence, **more)
+        async def commit(
+            self, stream: str, ids: Any, recorded_at: float, fence: int | None, **more: Any
+        ) -> None:
+            await super().commit(stream, ids, recorded_at, fence, **more)
             journal.entries.append("checkpoint")
 
     for value in ("a", "b", "c"):
@@ -99,11 +101,13 @@ async def test_next_batch_is_handled_while_the_last_is_made_durable() -> None:
     commits = 0
 
     class SlowStore(MemoryStateStore):
-        async def commit(self, stream: str, processed: Any, fence: int | None, **more: Any) -> None:
+        async def commit(
+            self, stream: str, ids: Any, recorded_at: float, fence: int | None, **more: Any
+        ) -> None:
             nonlocal commits
             commits += 1
             await release.wait()
-            await super().commit(stream, processed, fence, **more)
+            await super().commit(stream, ids, recorded_at, fence, **more)
 
     first = await publish_to(bus, router, StringValue(value="first"))
     running = RunningLoop(make_loop(router, bus, SlowStore(1000, 3600, time.time), settings))
@@ -128,13 +132,15 @@ async def test_a_batch_handled_behind_a_fenced_checkpoint_is_not_acked() -> None
     refused = False
 
     class UsurpedStore(MemoryStateStore):
-        async def commit(self, stream: str, processed: Any, fence: int | None, **more: Any) -> None:
+        async def commit(
+            self, stream: str, ids: Any, recorded_at: float, fence: int | None, **more: Any
+        ) -> None:
             nonlocal refused
             if not refused:
                 await release.wait()
                 refused = True
                 raise Fenced(stream)
-            await super().commit(stream, processed, fence, **more)
+            await super().commit(stream, ids, recorded_at, fence, **more)
 
     await publish_to(bus, router, StringValue(value="first"))
     broker = MemoryBroker(bus, settings.consumer_group, exclusive=True)

@@ -131,7 +131,7 @@ class _Batch:
 
     outbound: list[OutboundMessage] = field(default_factory=list)
     dead: list[DeadLetterRecord] = field(default_factory=list)
-    processed: dict[str, list[tuple[str, float]]] = field(default_factory=lambda: defaultdict(list))
+    processed: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))  # ids
     digests: dict[str, list[bytes]] = field(default_factory=lambda: defaultdict(list))
     recorded_at: float = 0.0  # when the batch's ids count as handled
     fences: dict[str, int | None] = field(default_factory=dict)  # per stream, when handled
@@ -362,7 +362,7 @@ class ConsumerLoop:
         Runs once per message: stream-wide lookups are made once per run of messages of
         one stream (a partition's messages come together)."""
         work: dict[tuple[str, str], list[_Work]] = defaultdict(list)
-        result.recorded_at = recorded_at = self.clock()
+        result.recorded_at = self.clock()
         max_bytes, decode, handler_of = (
             self.settings.max_message_bytes,
             self.codec.decode,
@@ -389,7 +389,7 @@ class ConsumerLoop:
                     result.duplicates += 1
                     continue
                 seen.add(event_digest)
-                processed.append((envelope.id, recorded_at))
+                processed.append(envelope.id)
                 digests.append(event_digest)
                 spec = handler_of(envelope.type)
                 if spec is None or envelope.payload is None:
@@ -767,6 +767,7 @@ class ConsumerLoop:
                 self.state.commit(
                     stream,
                     result.processed.get(stream, []),
+                    result.recorded_at,
                     result.fences[stream],
                     progress=result.progress.get(stream),
                     states=result.states.get(stream),

@@ -100,15 +100,17 @@ class StateStore(ABC):
     async def commit(
         self,
         stream: str,
-        processed: Sequence[tuple[str, float]],
+        ids: Sequence[str],
+        recorded_at: float,
         fence: int | None,
         *,
         progress: int | None = None,
         states: Mapping[str, KeyState] | None = None,
     ) -> None:
         """Durably record what a batch did to `stream`, in one write where the store's
-        limits allow: ids handled since the last commit, the progress (next position to
-        consume, exclusive streams) and each changed key's new state.
+        limits allow: ids handled since the last commit (all recorded at `recorded_at`),
+        the progress (next position to consume, exclusive streams) and each changed key's
+        new state.
 
         `fence` is the token from `take_over` (exclusive streams) or None (shared ones; then
         each state's `version` must still match the stored one, or Conflict is raised).

@@ -184,7 +184,8 @@ class EtcdStateStore(StateStore):
     async def commit(
         self,
         stream: str,
-        processed: Sequence[tuple[str, float]],
+        ids: Sequence[str],
+        recorded_at: float,
         fence: int | None,
         *,
         progress: int | None = None,
@@ -195,9 +196,8 @@ class EtcdStateStore(StateStore):
             for key, new in (states or {}).items()
         ]
         counts: dict[bytes, int] = {}
-        if processed:
-            recorded_at = max(at for _, at in processed)
-            for number, chunk in enumerate(_chunks([event_id for event_id, _ in processed])):
+        if ids:
+            for number, chunk in enumerate(_chunks(ids)):
                 key = self._key(stream, f"ids/{time.time_ns():020d}-{self.writer}-{number}")
                 value = json.dumps([recorded_at, chunk], separators=(",", ":")).encode()
                 writes.append(_Put(key, value, leased=True))
@@ -365,12 +365,12 @@ def _transactions(writes: list[_Put]) -> list[list[_Put]]:
     return parts
 
 
-def _chunks(ids: list[str]) -> list[list[str]]:
+def _chunks(ids: Sequence[str]) -> list[list[str]]:
     """Ids in runs whose JSON (ASCII, escaped) stays within CHUNK_BYTES."""
     # At most 12 bytes per character escaped (a surrogate pair), 3 per id for the quotes
     # and the comma: the usual batch is far below, and needs no sizing id by id.
     if 12 * sum(map(len, ids)) + 3 * len(ids) <= CHUNK_BYTES:
-        return [ids]
+        return [list(ids)]
     chunks: list[list[str]] = [[]]
     size = 0
     for event_id in ids:

@@ -56,7 +56,8 @@ class MemoryStateStore(StateStore):
     async def commit(
         self,
         stream: str,
-        processed: Sequence[tuple[str, float]],
+        ids: Sequence[str],
+        recorded_at: float,
         fence: int | None,
         *,
         progress: int | None = None,
@@ -71,7 +72,7 @@ class MemoryStateStore(StateStore):
         for key, new in (states or {}).items():
             if fence is None and state.states.get(key, KeyState()).version != new.version:
                 raise Conflict(stream, key)
-        for event_id, recorded_at in processed:
+        for event_id in ids:
             state.records[event_id] = (recorded_at, next(self._sequence))
             state.records.move_to_end(event_id)
         for key, new in (states or {}).items():

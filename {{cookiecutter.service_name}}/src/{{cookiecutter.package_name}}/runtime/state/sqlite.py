@@ -136,18 +136,20 @@ class SqliteStateStore(StateStore):
     async def commit(
         self,
         stream: str,
-        processed: Sequence[tuple[str, float]],
+        ids: Sequence[str],
+        recorded_at: float,
         fence: int | None,
         *,
         progress: int | None = None,
         states: Mapping[str, KeyState] | None = None,
     ) -> None:
-        await self._run(self._commit, stream, processed, fence, progress, states or {})
+        await self._run(self._commit, stream, ids, recorded_at, fence, progress, states or {})
 
     def _commit(
         self,
         stream: str,
-        processed: Sequence[tuple[str, float]],
+        ids: Sequence[str],
+        recorded_at: float,
         fence: int | None,
         progress: int | None,
         states: Mapping[str, KeyState],
@@ -164,7 +166,7 @@ class SqliteStateStore(StateStore):
                         raise Conflict(stream, key)
             self._connection.executemany(
                 "INSERT INTO processed (stream, event_id, recorded_at) VALUES (?, ?, ?)",
-                [(stream, event_id, at) for event_id, at in processed],
+                [(stream, event_id, recorded_at) for event_id in ids],
             )
             self._connection.executemany(
                 "INSERT OR REPLACE INTO key_state VALUES (?, ?, ?, ?, ?, ?)",
