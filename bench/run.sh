@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole benchmark in one command, on this machine's loopback servers:
-#   bash bench/run.sh [--events 100000] [--rounds 3]     (arguments go to throughput.py)
+#   bash bench/run.sh [--events 100000] [--rounds 5]     (arguments go to throughput.py)
 # BENCH_IDS (default 1000000) and BENCH_SECONDS (4) size the state-store part.
 # Starts the servers (scripts/servers.sh) unless they run already, bakes a Kafka and a
 # RabbitMQ service, installs FastStream beside each (benchmark only), runs

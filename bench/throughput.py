@@ -47,7 +47,7 @@ parser.add_argument("broker", choices=["kafka", "rabbitmq"])
 parser.add_argument("--events", type=int, default=100_000)
 parser.add_argument("--json", type=Path, default=None)
 parser.add_argument("--latency-rate", type=int, default=2000, help="msg/s for the latency run")
-parser.add_argument("--rounds", type=int, default=3, help="runs per contestant; the best counts")
+parser.add_argument("--rounds", type=int, default=5, help="runs per contestant; the best counts")
 parser.add_argument("--contestant", default=None, help=argparse.SUPPRESS)  # child process
 parser.add_argument("--run", default=None, help=argparse.SUPPRESS)
 parser.add_argument("--label", default=None, help=argparse.SUPPRESS)  # group / queue suffix
