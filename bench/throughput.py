@@ -187,6 +187,21 @@ async def load_rabbitmq(run: str, data: list[tuple[bytes, str]], contestants: li
             )
 
 
+async def drop_rabbitmq_queues(run: str, contestants: list[str]) -> None:
+    """A round's queues, once consumed, and the service's dead-letter queue and exchange
+    beside each. Left bound to the exchange, they would take every later round's
+    publishes too (each round's load would grow by the whole data set)."""
+    import aio_pika
+
+    connection = await aio_pika.connect(AMQP)
+    async with connection:
+        channel = await connection.channel()
+        for name in contestants:
+            await channel.queue_delete(queue(run, name))
+            await channel.queue_delete(f"{queue(run, name)}.dlq")  # absent for peers: a no-op
+            await channel.exchange_delete(f"{queue(run, name)}.dlq")
+
+
 # --- contestants (each runs in its own process) -----------------------------------------
 
 
@@ -559,8 +574,12 @@ def main() -> None:
             print(f"  {name}: {result['rate']:.0f} msg/s", file=sys.stderr)
             if name not in results or result["rate"] > results[name]["rate"]:
                 results[name] = result
+        if args.broker == "rabbitmq":
+            asyncio.run(drop_rabbitmq_queues(run, labels))
     print("latency ...", file=sys.stderr)
     results["latency"] = run_child(run, "latency", "latency")
+    if args.broker == "rabbitmq":  # the latency run's own queues (see latency())
+        asyncio.run(drop_rabbitmq_queues(f"{run}-latency", ["latency", "latency-producer"]))
 
     pairs = [*TARGETS[args.broker], ("ours-etcd-traced-1pct", "ours-etcd-state", 0.85)]
     ratios = [
