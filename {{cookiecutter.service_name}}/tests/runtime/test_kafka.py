@@ -5,14 +5,16 @@ from __future__ import annotations
 import random
 
 import pytest
+from aiokafka import TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 
 from {{ cookiecutter.package_name }}.runtime.brokers.kafka import (
+    KafkaBroker,
     KafkaSettings,
     _Offsets,
     bootstrap_servers,
 )
-from {{ cookiecutter.package_name }}.runtime.config import load_model
+from {{ cookiecutter.package_name }}.runtime.config import Settings, load_model
 from {{ cookiecutter.package_name }}.runtime.errors import ConfigError
 
 # murmur2 of these keys as the Java client computes it (Kafka's own UtilsTest vectors).
@@ -67,6 +69,17 @@ def test_commit_points_follow_the_finished_prefix_in_any_order_of_finishing() ->
             assert offsets.commit_point() == expected
             committed = prefix
         assert offsets.delivered == [] and offsets.finished == set()
+
+
+async def test_closing_forgets_what_was_delivered_and_not_acked() -> None:
+    """Rejoining after being fenced reuses the broker: deliveries of the old membership
+    come again, and the ones never acked must not hold its commits back."""
+    broker = KafkaBroker(Settings(broker_url="kafka://127.0.0.1:9"), KafkaSettings())
+    broker._offsets[TopicPartition("t", 0)].delivered += [5, 6]
+    broker._idle.clear()  # as fetch() leaves it
+    await broker.close()
+    assert not broker._offsets
+    assert broker._idle.is_set()
 
 
 def test_bootstrap_servers_come_from_the_url() -> None:

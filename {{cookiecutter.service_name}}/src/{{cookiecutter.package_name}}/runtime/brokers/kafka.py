@@ -285,6 +285,10 @@ class KafkaBroker(Broker):
         if self._consumer is not None:
             await self._consumer.stop()  # no commit: unacked work is redelivered
             self._consumer = None
+        # Leaving the group revokes nothing through the listener: forget what was delivered
+        # here, or a restart() (rejoining after being fenced) would wait on it for ever.
+        self._offsets.clear()
+        self._idle.set()
         if self._producer is not None:
             await self._producer.stop()
             self._producer = None
