@@ -211,3 +211,24 @@ async def test_a_replica_that_read_stale_state_does_not_overwrite_it() -> None:
     assert stats.fenced == 1
     assert seen == [("k", 1), ("k", 42)]  # re-run on the newer state; applied once
     assert (await store.load_states(group, ["k"]))["k"].value == b'{"count":42}'
+
+
+async def test_a_group_of_batches_writes_each_key_once_naming_every_event_applied() -> None:
+    """Group commit on an exclusive stream: batches handled while the last group is written
+    share one write; a key's state in it is the latest, applied by all their events."""
+    rig = Rig(MemoryStateStore(1000, 3600, time.time))
+    rig.settings = fast_settings(batch_size=2, commit_interval_ms=600_000)
+    bus, store, seen, router, group = rig.bus, rig.store, rig.seen, rig.router, rig.group
+    ids = [await publish_to(bus, router, StringValue(value="x"), key="k") for _ in range(6)]
+
+    running = rig.start(exclusive=True)
+    await running.wait_until(lambda: len(seen) == 6)
+    assert store.commits == 1  # the first batch; the next two wait for the interval
+    await running.stop_gracefully()
+
+    assert store.commits == 2
+    assert seen == [("k", count) for count in range(1, 7)]
+    stored = (await store.load_states(group, ["k"]))["k"]
+    assert stored.value == b'{"count":6}'
+    assert stored.applied == tuple(ids[2:])
+    assert [event_id for event_id, _ in (await store.load(group)).records] == ids

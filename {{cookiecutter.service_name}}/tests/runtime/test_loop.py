@@ -17,6 +17,7 @@ from {{ cookiecutter.package_name }}.runtime.brokers.base import (
 from {{ cookiecutter.package_name }}.runtime.brokers.memory import MemoryBroker, MemoryBus
 from {{ cookiecutter.package_name }}.runtime.config import Settings
 from {{ cookiecutter.package_name }}.runtime.envelope import derive_event_id
+from {{ cookiecutter.package_name }}.runtime.loop import MAX_GROUP_BATCHES
 from {{ cookiecutter.package_name }}.runtime.state.base import Fenced
 from {{ cookiecutter.package_name }}.runtime.state.memory import MemoryStateStore
 from {{ cookiecutter.package_name }}.runtime.testing import ServiceHarness
@@ -93,7 +94,7 @@ async def test_ack_comes_after_publish_and_checkpoint() -> None:
 
 
 async def test_next_batch_is_handled_while_the_last_is_made_durable() -> None:
-    """Batches overlap by one: the next is handled during the last one's checkpoint, knows
+    """The next batch is handled while the last group is being checkpointed, knows
     its ids already (the same event again is a duplicate), and nothing is acked before its
     own checkpoint."""
     bus, settings, handled, router = echo_bus()
@@ -122,6 +123,66 @@ async def test_next_batch_is_handled_while_the_last_is_made_durable() -> None:
     stats = await running.stop_gracefully()
     assert handled == ["first", "second"]
     assert stats.duplicates == 1
+
+
+class CountingStore(MemoryStateStore):
+    """Counts its commits (one per stream per group of batches)."""
+
+    def __init__(self) -> None:
+        super().__init__(1000, 3600, time.time)
+        self.commits_seen = 0
+
+    async def commit(
+        self, stream: str, ids: Any, recorded_at: float, fence: int | None, **more: Any
+    ) -> None:
+        await super().commit(stream, ids, recorded_at, fence, **more)
+        self.commits_seen += 1
+
+
+async def test_batches_handled_within_the_interval_are_made_durable_together() -> None:
+    """Group commit: a group is written once COMMIT_INTERVAL_MS passed since the last one
+    began, or at once when it holds MAX_GROUP_BATCHES batches; a stop writes it now."""
+    bus, _, handled, router = echo_bus()
+    settings = fast_settings(batch_size=5, commit_interval_ms=600_000)
+    journal = Journal()
+    store = CountingStore()
+    broker = JournalingBroker(bus, settings.consumer_group, journal)
+    for number in range(5 * (1 + MAX_GROUP_BATCHES + 3)):
+        await publish_to(bus, router, StringValue(value=f"v{number}"))
+    running = RunningLoop(make_loop(router, bus, store, settings, broker))
+
+    # The first batch at once (no write before it), then a full group; the rest waits.
+    await running.wait_until(lambda: len(handled) == 5 * (1 + MAX_GROUP_BATCHES + 3))
+    await running.wait_until(lambda: store.commits_seen == 2)
+    assert bus.pending(settings.consumer_group) == 15
+    acks = [entry for entry in journal.entries if entry.startswith("ack")]
+    assert acks == ["ack:5", f"ack:{5 * MAX_GROUP_BATCHES}"]
+
+    async with asyncio.timeout(10):  # the stop does not wait out the interval
+        stats = await running.stop_gracefully()
+    assert bus.pending(settings.consumer_group) == 0
+    assert [entry for entry in journal.entries if entry.startswith("ack")][-1] == "ack:15"
+    assert store.commits_seen == 3
+    assert stats.acked == stats.handled == len(handled)
+    # Every event's id was recorded: a redelivery of any of them is a duplicate.
+    records = (await store.load(settings.consumer_group)).records
+    assert len(records) == len(handled)
+
+
+async def test_a_bus_that_limits_unacked_deliveries_is_not_kept_waiting() -> None:
+    """With RabbitMQ's prefetch, a group waiting out the interval would stop deliveries:
+    a group is written as soon as the bus could not deliver another batch beside it."""
+    bus, _, handled, router = echo_bus()
+    settings = fast_settings(batch_size=5, commit_interval_ms=600_000)
+    store = CountingStore()
+    broker = MemoryBroker(bus, settings.consumer_group, max_unacked=10)
+    for number in range(30):
+        await publish_to(bus, router, StringValue(value=f"v{number}"))
+    running = RunningLoop(make_loop(router, bus, store, settings, broker))
+
+    await running.wait_until(lambda: bus.pending(settings.consumer_group) == 0)
+    await running.stop_gracefully()
+    assert len(handled) == 30
 
 
 async def test_a_batch_handled_behind_a_fenced_checkpoint_is_not_acked() -> None:

@@ -51,7 +51,9 @@ class Settings(BaseSettings):
     batch_size: int = Field(500, gt=0, le=100_000, description="Max messages per batch")
     batch_timeout_ms: int = Field(200, gt=0, description="Max wait for a batch's first message")
     commit_interval_ms: int = Field(
-        100, ge=0, description="After the first message, time to fill the batch (group commit)"
+        100,
+        ge=0,
+        description="Time to fill a batch after its first message; least time between checkpoints",
     )
     max_message_bytes: int = Field(1_048_576, gt=0, description="Larger messages are dead-lettered")
     max_concurrency: int = Field(64, gt=0, description="Keys handled at once within a batch")

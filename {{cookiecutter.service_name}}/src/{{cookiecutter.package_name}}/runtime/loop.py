@@ -7,16 +7,22 @@ ids, progress and changed key state in the state store -> ack. A crash at any po
 before the ack redelivers the batch; dedupe and deterministic emitted ids make the re-run
 harmless.
 
-Batches overlap by one: while a batch is being made durable (publish, checkpoint, ack),
-the next one is fetched and handled, so the loop does not sit idle on the store and the
-bus. Acks stay in batch order, and a batch's ids and key state are known to the next
-batch before they are durable; if they never become durable (a crash, a newer owner), the
-unacked batches are redelivered and what was known is dropped with the stream.
+Handled batches are made durable in groups (group commit): one publish, one store write
+per stream and one ack for every batch handled since the last group began. A group is
+written once COMMIT_INTERVAL_MS passed since the one before it began, or at once when it
+holds MAX_GROUP_BATCHES batches (fewer if the bus allows fewer unacked deliveries, as
+RabbitMQ's prefetch does), so a stream sees at most one store write per interval whatever
+the message rate. Meanwhile the next batches are fetched and handled, so the loop does
+not sit idle on the store and the bus. Groups are written one after another, so acks
+stay in batch order; a batch's ids and key state are known to the next batch before they
+are durable; if they never become durable (a crash, a newer owner), the unacked batches
+are redelivered and what was known is dropped with the stream.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import time
@@ -63,6 +69,9 @@ CONTENT_TYPE_HEADER = "content-type"
 MAX_STATE_BYTES = 64 * 1024  # per key: state travels in every checkpoint that changes it
 STATE_CACHE_KEYS = 10_000  # per exclusive stream; older keys are read again when needed
 LAG_INTERVAL_S = 5.0  # how often the bus is asked for consumer lag
+# Batches a group may gather before it is written without waiting for the interval: this
+# bounds what is held in memory (and redelivered after a crash) while the store is slow.
+MAX_GROUP_BATCHES = 8
 T = TypeVar("T")
 
 
@@ -141,6 +150,48 @@ class _Batch:
     states: dict[str, dict[str, KeyState]] = field(default_factory=lambda: defaultdict(dict))
     progress: dict[str, int] = field(default_factory=dict)
 
+    def joins(self, later: _Batch) -> bool:
+        """Whether `later` may be written together with this batch: a stream handled under
+        another fence (taken over in between) must be written apart, in order."""
+        fences = self.fences
+        return all(fences.get(stream, fence) == fence for stream, fence in later.fences.items())
+
+    def absorb(self, later: _Batch) -> None:
+        """Add what `later` (handled after this batch) must make durable. Digests are not
+        kept: a batch's digests are remembered by the window before it joins a group."""
+        self.outbound += later.outbound
+        self.dead += later.dead
+        for stream, ids in later.processed.items():
+            self.processed[stream] += ids
+        self.recorded_at = max(self.recorded_at, later.recorded_at)
+        self.fences.update(later.fences)
+        self.handled += later.handled
+        self.emitted += later.emitted
+        self.duplicates += later.duplicates
+        for stream, states in later.states.items():
+            merged = self.states[stream]
+            for key, new in states.items():
+                old = merged.get(key)
+                merged[key] = (
+                    new
+                    if old is None
+                    else KeyState(new.value, old.applied + new.applied, old.version)
+                )
+        for stream, progress in later.progress.items():
+            self.progress[stream] = max(progress, self.progress.get(stream, progress))
+
+
+@dataclass(slots=True)
+class _Group:
+    """Handled batches made durable together; open to more batches until it is written."""
+
+    messages: list[InboundMessage]
+    result: _Batch
+    # Set when the group is to be written without waiting out the interval.
+    due: asyncio.Event = field(default_factory=asyncio.Event)
+    # The group written before this one: it must be durable first.
+    after: asyncio.Future[None] | None = None
+
 
 class ConsumerLoop:
     def __init__(
@@ -178,7 +229,17 @@ class ConsumerLoop:
         self._cursors: dict[str, int] = {}
         self._progress: dict[str, int] = {}  # exclusive streams: next position not yet durable
         self._state_cache: dict[str, OrderedDict[str, KeyState]] = {}  # exclusive streams
-        self._durable: asyncio.Future[None] | None = None  # the batch being made durable
+        # The last group's durable step (which waits for the group before it), and that
+        # group while it still takes batches.
+        self._durable: asyncio.Future[None] | None = None
+        self._open: _Group | None = None
+        self._last_write_at = -float("inf")  # event-loop time the last group began writing
+        # A group is written at once when this full; the bus must still be able to deliver
+        # the next batch while it is written.
+        self._group_full_at = MAX_GROUP_BATCHES * settings.batch_size
+        if broker.max_unacked is not None:
+            room = broker.max_unacked - settings.batch_size
+            self._group_full_at = max(1, min(self._group_full_at, room))
         # Set once the broker is connected and subscribed (tests and demos wait for it).
         self.started = asyncio.Event()
 
@@ -199,14 +260,12 @@ class ConsumerLoop:
                     if batch:
                         await self._process_or_drain(batch, stop)
                     elif self._durable is not None and self._durable.done():
-                        await self._settle()  # a quiet bus: learn how the last batch ended
+                        await self._settle()  # a quiet bus: learn how the last group ended
                 except Fenced as fenced:
                     await self._rejoin(fenced, topics)
             await self._drain(self._settle())
         finally:
-            if self._durable is not None:  # a crash or cancellation: no ack behind our back
-                self._durable.cancel()
-                await asyncio.gather(self._durable, return_exceptions=True)
+            await self._abandon_durable()  # a crash or cancellation: no ack behind our back
             await self.broker.close()
             await self.state.close()
             if self.heartbeat is not None:
@@ -269,16 +328,41 @@ class ConsumerLoop:
             self.log.error("fenced while stopping; not acking", stream=fenced.stream)
 
     async def _react_then_make_durable(self, batch: Sequence[InboundMessage]) -> None:
-        """React to `batch`, then start making it durable once the batch before it is."""
+        """React to `batch`, then hand it to the group being gathered, or start a group."""
         result = await self._react(batch)
-        await self._settle()
-        self._durable = asyncio.ensure_future(self._make_durable(batch, result))
+        if self._durable is not None and self._durable.done():
+            await self._settle()  # learn how the last group ended (fenced: `batch` is not kept)
+        group = self._open
+        if group is not None and group.result.joins(result):
+            group.messages += batch
+            group.result.absorb(result)
+        else:
+            if group is not None:
+                group.due.set()  # closed to `batch`: nothing is gained by waiting
+            group = _Group(list(batch), result, after=self._durable)
+            self._open = group
+            self._durable = asyncio.ensure_future(self._make_durable(group))
+        if len(group.messages) >= self._group_full_at:
+            group.due.set()
+            if group.after is not None:  # hold no more than one full group in memory
+                await group.after
 
     async def _settle(self) -> None:
-        """Wait until the batch being made durable is acked; raises what that raised."""
+        """Make every handled batch durable now and wait until it is acked; raises what
+        that raised."""
         durable, self._durable = self._durable, None
+        if self._open is not None:
+            self._open.due.set()
+            self._open = None
         if durable is not None:
             await durable
+
+    async def _abandon_durable(self) -> None:
+        """Drop the groups not yet acked (they will be redelivered)."""
+        durable, self._durable, self._open = self._durable, None, None
+        if durable is not None:
+            durable.cancel()
+            await asyncio.gather(durable, return_exceptions=True)
 
     async def _react(self, batch: Sequence[InboundMessage]) -> _Batch:
         """Everything before durability: decode, dedupe, handle, gather what to write."""
@@ -320,8 +404,22 @@ class ConsumerLoop:
         for stream, states in result.states.items():
             self._remember_states(stream, states)
 
-    async def _make_durable(self, batch: Sequence[InboundMessage], result: _Batch) -> None:
-        """Publish, checkpoint, then ack; counts once acked."""
+    async def _make_durable(self, group: _Group) -> None:
+        """Once the group before is durable and the interval passed (or the group is due):
+        publish, checkpoint, then ack; counts once acked."""
+        if group.after is not None:
+            await group.after
+            group.after = None
+        clock = asyncio.get_running_loop().time
+        wait = self._last_write_at + self.settings.commit_interval_ms / 1000 - clock()
+        if wait > 0 and not group.due.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await group.due.wait()
+        if self._open is group:  # closed: later batches start the next group
+            self._open = None
+        self._last_write_at = clock()
+        batch, result = group.messages, group.result
         if result.outbound:
             await self._until_done("publish", lambda: self.broker.publish(result.outbound))
         if result.processed or result.states or result.progress:
@@ -437,7 +535,7 @@ class ConsumerLoop:
                 else:
                     missing[stream].append(key)
         if missing:
-            await self._settle()  # the store holds the batch before this one first
+            await self._settle()  # the store holds the batches before this one first
             streams = list(missing)
             loaded = await asyncio.gather(
                 *(
@@ -755,6 +853,7 @@ class ConsumerLoop:
         """A newer owner took a stream over: drop everything unacked and join again."""
         self.log.error("fenced; rejoining without acking", stream=fenced.stream, why=str(fenced))
         self.stats.fenced += 1
+        await self._abandon_durable()
         await self.broker.close()
         self._forget_streams(set(self._windows))
         await self._until_done("connect", partial(self.broker.start, topics))

@@ -93,6 +93,9 @@ class Broker(ABC):
     # True when each stream has one consumer at a time (Kafka partitions): the loop then
     # fences earlier owners in the state store. False for competing consumers (RabbitMQ).
     exclusive_streams: bool = False
+    # Deliveries the bus hands out before some are acked (RabbitMQ's prefetch); None when
+    # only the loop bounds them.
+    max_unacked: int | None = None
 
     @abstractmethod
     async def start(self, topics: Sequence[str]) -> None:

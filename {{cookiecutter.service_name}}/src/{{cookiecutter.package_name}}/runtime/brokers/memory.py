@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import sys
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -87,12 +88,21 @@ def bus_for_url(url: str) -> MemoryBus:
 
 
 class MemoryBroker(Broker):
-    def __init__(self, bus: MemoryBus, group: str, *, exclusive: bool = False) -> None:
+    def __init__(
+        self,
+        bus: MemoryBus,
+        group: str,
+        *,
+        exclusive: bool = False,
+        max_unacked: int | None = None,
+    ) -> None:
         """`exclusive=True` makes the group's queue behave like a Kafka partition with one
-        owner (positions only grow, progress is checkpointed): for tests of that path."""
+        owner (positions only grow, progress is checkpointed): for tests of that path.
+        `max_unacked` stops deliveries while that many are unacked (RabbitMQ's prefetch)."""
         self.bus = bus
         self.group = group
         self.exclusive_streams = exclusive
+        self.max_unacked = max_unacked
         self._delivered: dict[int, InboundMessage] = {}
 
     async def start(self, topics: Sequence[str]) -> None:
@@ -100,8 +110,8 @@ class MemoryBroker(Broker):
 
     async def fetch(self, max_messages: int, max_wait_s: float) -> list[InboundMessage]:
         queue = self.bus.queue(self.group)
-        if not queue.ready and max_wait_s > 0:
-            queue.waiter = asyncio.Event()
+        if not (queue.ready and self._room()) and max_wait_s > 0:
+            queue.waiter = asyncio.Event()  # woken by a publish, or an ack that makes room
             try:
                 await asyncio.wait_for(queue.waiter.wait(), max_wait_s)
             except TimeoutError:
@@ -109,12 +119,19 @@ class MemoryBroker(Broker):
             finally:
                 queue.waiter = None
         batch: list[InboundMessage] = []
+        max_messages = min(max_messages, self._room())
         while queue.ready and len(batch) < max_messages:
             message = queue.ready.popleft()
             queue.unacked[message.position] = message
             self._delivered[message.position] = message
             batch.append(message)
         return batch
+
+    def _room(self) -> int:
+        """Deliveries allowed before more are acked."""
+        if self.max_unacked is None:
+            return sys.maxsize
+        return max(0, self.max_unacked - len(self._delivered))
 
     async def publish(self, messages: Sequence[OutboundMessage]) -> None:
         for message in messages:
@@ -126,6 +143,8 @@ class MemoryBroker(Broker):
             if self._delivered.pop(message.position, None) is None:
                 raise ValueError(f"ack of unknown delivery {message.position}")
             del queue.unacked[message.position]
+        if self.max_unacked is not None:
+            queue.wake()
 
     async def lag(self) -> dict[str, int]:
         return {self.group: len(self.bus.queue(self.group).ready)}

@@ -155,7 +155,7 @@ class SqliteStateStore(StateStore):
         states: Mapping[str, KeyState],
     ) -> None:
         assert self._connection is not None
-        with self._connection:  # one transaction per batch
+        with self._connection:  # one transaction per group of batches
             self._connection.execute("BEGIN IMMEDIATE")
             if fence is not None and self._fence(stream) != fence:
                 raise Fenced(stream)
