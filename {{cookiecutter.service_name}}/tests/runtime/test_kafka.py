@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from aiokafka import TopicPartition
@@ -80,6 +82,64 @@ async def test_closing_forgets_what_was_delivered_and_not_acked() -> None:
     await broker.close()
     assert not broker._offsets
     assert broker._idle.is_set()
+
+
+class FakeConsumer:
+    """What KafkaBroker asks of aiokafka's consumer; each getmany returns the next reply."""
+
+    def __init__(self, *replies: dict[TopicPartition, list[int]]) -> None:
+        self.replies = list(replies)
+        self.getmany_calls = 0
+        self.committed: dict[TopicPartition, int] = {}
+
+    async def getmany(self, timeout_ms: int = 0) -> dict[TopicPartition, list[Any]]:
+        self.getmany_calls += 1
+        reply = self.replies.pop(0) if self.replies else {}
+        return {
+            partition: [
+                SimpleNamespace(value=b"x", offset=offset, key=None, headers=())
+                for offset in offsets
+            ]
+            for partition, offsets in reply.items()
+        }
+
+    def assignment(self) -> set[TopicPartition]:
+        return {TopicPartition("t", 0), TopicPartition("t", 1)}
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        self.committed.update(offsets)
+
+    def highwater(self, partition: TopicPartition) -> int:
+        return 10
+
+    async def position(self, partition: TopicPartition) -> int:
+        return 10
+
+
+async def test_read_ahead_is_handed_out_by_batch_and_dropped_with_revoked_partitions() -> None:
+    """The adapter empties aiokafka's buffer at once (so it fetches the next data while
+    the loop works) and hands the loop its batches from that read-ahead. What is read
+    ahead is not delivered yet: it holds no drain back, and a revoked partition's is
+    dropped (its next owner starts from the committed offset)."""
+    p0, p1 = TopicPartition("t", 0), TopicPartition("t", 1)
+    broker = KafkaBroker(Settings(broker_url="kafka://127.0.0.1:9"), KafkaSettings())
+    consumer = FakeConsumer({p0: [0, 1, 2, 3, 4], p1: [0, 1, 2]})
+    broker._consumer = consumer
+
+    first = await broker.fetch(3, 0)
+    assert [(m.stream, m.position) for m in first] == [("t:0", 0), ("t:0", 1), ("t:0", 2)]
+    assert consumer.getmany_calls == 1
+    assert broker._offsets[p0].delivered == [0, 1, 2] and not broker._offsets[p1].delivered
+    assert await broker.lag() == {"t:0": 10, "t:1": 10}  # read ahead counts as waiting
+
+    await broker.ack(first)
+    assert consumer.committed == {p0: 3}
+    await broker.revoke({p1})  # drained at once: nothing delivered is unacked
+    rest = await broker.fetch(10, 0)
+    assert [(m.stream, m.position) for m in rest] == [("t:0", 3), ("t:0", 4)]
+    assert consumer.getmany_calls == 1
+    assert await broker.fetch(10, 0) == []
+    assert consumer.getmany_calls == 2
 
 
 def test_bootstrap_servers_come_from_the_url() -> None:

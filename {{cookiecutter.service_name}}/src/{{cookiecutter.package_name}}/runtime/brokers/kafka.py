@@ -1,4 +1,5 @@
-"""Kafka adapter (aiokafka): consumer group, contiguous offset commits, drain on revoke.
+"""Kafka adapter (aiokafka): consumer group, read-ahead, contiguous offset commits, drain
+on revoke.
 
 Keys are partitioned with aiokafka's default partitioner, which is the Java client's
 murmur2 (toPositive(murmur2(key)) % partitions), so a key lands on the same partition
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import groupby, islice
 from operator import attrgetter
 from typing import Any, Literal
@@ -112,6 +113,9 @@ class KafkaBroker(Broker):
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._offsets: dict[TopicPartition, _Offsets] = defaultdict(_Offsets)
+        # Fetched from aiokafka but not yet handed to the loop (from `_ahead_at` on).
+        self._ahead: list[InboundMessage] = []
+        self._ahead_at = 0
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -149,7 +153,7 @@ class KafkaBroker(Broker):
             group_id=self.settings.consumer_group,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
-            max_poll_records=self.settings.batch_size,
+            max_poll_records=None,  # getmany takes all it has (see _read_ahead)
             fetch_max_wait_ms=self.kafka.kafka_fetch_max_wait_ms,
             session_timeout_ms=self.kafka.kafka_session_timeout_ms,
             heartbeat_interval_ms=self.kafka.kafka_heartbeat_interval_ms,
@@ -184,15 +188,27 @@ class KafkaBroker(Broker):
             await admin.close()
 
     async def fetch(self, max_messages: int, max_wait_s: float) -> list[InboundMessage]:
+        if self._ahead_at == len(self._ahead):
+            await self._read_ahead(max_wait_s)
+        start = self._ahead_at
+        batch = self._ahead[start : start + max_messages]
+        self._ahead_at = start + len(batch)
+        for partition, handed in groupby(batch, key=attrgetter("handle")):
+            self._offsets[partition].delivered.extend(message.position for message in handed)
+        if batch:
+            self._idle.clear()
+        return batch
+
+    async def _read_ahead(self, max_wait_s: float) -> None:
+        """Take everything aiokafka has fetched. It asks the broker for more only once its
+        buffer is empty: emptied now, the next fetch is under way while the loop handles
+        these, instead of starting when the loop asks for the next batch."""
         assert self._consumer is not None, "fetch needs start() with topics"
-        records = await self._consumer.getmany(
-            timeout_ms=int(max_wait_s * 1000), max_records=max_messages
-        )
-        batch: list[InboundMessage] = []
+        records = await self._consumer.getmany(timeout_ms=int(max_wait_s * 1000))
+        ahead: list[InboundMessage] = []
         for partition, messages in records.items():
-            self._offsets[partition].delivered.extend(record.offset for record in messages)
             topic, stream = partition.topic, stream_of(partition.topic, partition.partition)
-            batch.extend(
+            ahead.extend(
                 InboundMessage(
                     record.value or b"",
                     topic,
@@ -205,9 +221,7 @@ class KafkaBroker(Broker):
                 )
                 for record in messages
             )
-        if batch:
-            self._idle.clear()
-        return batch
+        self._ahead, self._ahead_at = ahead, 0
 
     async def publish(self, messages: Sequence[OutboundMessage]) -> None:
         assert self._producer is not None, "publish needs start()"
@@ -257,8 +271,15 @@ class KafkaBroker(Broker):
                 log.warning("rebalance: drain deadline passed; uncommitted work is redelivered")
         for partition in partitions:
             self._offsets.pop(partition, None)
+        self._keep_ahead(lambda message: message.handle not in partitions)
         if self.on_streams_revoked is not None:
             self.on_streams_revoked({stream_of(tp.topic, tp.partition) for tp in partitions})
+
+    def _keep_ahead(self, keep: Callable[[InboundMessage], bool]) -> None:
+        """Drop read-ahead messages of partitions no longer ours: their next owner starts
+        from the committed offset."""
+        self._ahead = [message for message in self._ahead[self._ahead_at :] if keep(message)]
+        self._ahead_at = 0
 
     async def lag(self) -> dict[str, int]:
         """Per assigned partition: high watermark minus the oldest offset not yet acked."""
@@ -272,8 +293,11 @@ class KafkaBroker(Broker):
                 if highwater is None:
                     continue  # nothing fetched from it yet
                 pending = self._offsets.get(partition)
+                ahead = (m.position for m in self._ahead[self._ahead_at :] if m.handle == partition)
                 if pending is not None and pending.delivered:
                     oldest = pending.delivered[0]
+                elif (first_ahead := next(ahead, None)) is not None:
+                    oldest = first_ahead
                 else:
                     oldest = await consumer.position(partition)
                 found[stream_of(partition.topic, partition.partition)] = max(0, highwater - oldest)
@@ -288,6 +312,7 @@ class KafkaBroker(Broker):
         # Leaving the group revokes nothing through the listener: forget what was delivered
         # here, or a restart() (rejoining after being fenced) would wait on it for ever.
         self._offsets.clear()
+        self._keep_ahead(lambda message: False)
         self._idle.set()
         if self._producer is not None:
             await self._producer.stop()
