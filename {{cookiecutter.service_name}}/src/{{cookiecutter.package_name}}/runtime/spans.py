@@ -44,13 +44,13 @@ class ChosenTraceIds(RandomIdGenerator):
         self._chosen = threading.local()
 
     @staticmethod
-    def draw_root_ids() -> tuple[int, int]:
-        """A trace id and a span id: in one call, the same draw as `generate_trace_id`
-        then `generate_span_id` (getrandbits fills from the low bits up)."""
-        bits = random.getrandbits(192)
-        trace_id, span_id = bits & _TRACE_ID_BITS, bits >> 128
-        if trace_id and span_id:
-            return trace_id, span_id
+    def draw_root_ids() -> int:
+        """A trace id (the low 128 bits) and a span id (the 64 above) in one number: the
+        same draw as `generate_trace_id` then `generate_span_id` (getrandbits fills from
+        the low bits up). Kept as one number until the ids are asked for."""
+        bits = _getrandbits(192)
+        if bits & _TRACE_ID_BITS and bits >= _SPAN_ID_UNIT:
+            return bits
         return ChosenTraceIds.draw_root_ids()  # an invalid (zero) id: 2**-64 odds
 
     @staticmethod
@@ -72,7 +72,10 @@ class ChosenTraceIds(RandomIdGenerator):
         return self._take_chosen("span_id") or super().generate_span_id()
 
 
+_getrandbits = random.getrandbits
 _TRACE_ID_BITS = (1 << 128) - 1
+_SPAN_ID_UNIT = 1 << 128  # a root's span id, drawn with its trace id, sits above it
+_SAMPLED_BITS = TraceIdRatioBased.TRACE_ID_LIMIT  # the part of a trace id samplers read
 _NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
 
 
@@ -126,10 +129,15 @@ def _dropped_span_flags() -> tuple[TraceFlags, dict[int, TraceFlags]]:
 
 class _DroppedSpan(NonRecordingSpan):
     """A span the sampler dropped. Its SpanContext is made when first asked for: a handler
-    that neither emits, logs nor starts spans never asks."""
+    that neither emits, logs nor starts spans never asks. A root's ids are kept as drawn,
+    in one number (`span_id` None)."""
 
     def __init__(  # NonRecordingSpan's only state, its context, is made when asked for
-        self, trace_id: int, span_id: int, flags: TraceFlags, state: TraceState | None = None
+        self,
+        trace_id: int,
+        span_id: int | None,
+        flags: TraceFlags,
+        state: TraceState | None = None,
     ) -> None:
         self._parts = trace_id, span_id, flags, state
         self._made = False
@@ -137,6 +145,8 @@ class _DroppedSpan(NonRecordingSpan):
     def get_span_context(self) -> SpanContext:
         if not self._made:
             trace_id, span_id, flags, state = self._parts
+            if span_id is None:
+                trace_id, span_id = trace_id & _TRACE_ID_BITS, trace_id >> 128
             self._context, self._made = SpanContext(trace_id, span_id, False, flags, state), True
         return self._context
 
@@ -167,10 +177,12 @@ class ConsumerSpans:
         if bound is not None:
             parent_span = trace.get_current_span(parent).get_span_context() if parent else None
             if parent_span is None or not parent_span.is_valid:
-                trace_id, span_id = self._ids.draw_root_ids()
-                if trace_id & TraceIdRatioBased.TRACE_ID_LIMIT >= bound:
-                    return _DroppedSpan(trace_id, span_id, self._root_flags)
-                self._ids.choose_next(trace_id, span_id)  # sampled: the SDK makes it
+                ids = _getrandbits(192)  # draw_root_ids, inline: this runs per message
+                if not (ids & _TRACE_ID_BITS and ids >= _SPAN_ID_UNIT):
+                    ids = ChosenTraceIds.draw_root_ids()
+                if ids & _SAMPLED_BITS >= bound:
+                    return _DroppedSpan(ids, None, self._root_flags)
+                self._ids.choose_next(ids & _TRACE_ID_BITS, ids >> 128)  # sampled: by the SDK
             elif not parent_span.trace_flags.sampled:
                 flags = self._child_flags.get(parent_span.trace_flags)
                 if flags is not None:
