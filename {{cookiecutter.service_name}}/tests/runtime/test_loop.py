@@ -17,7 +17,7 @@ from {{ cookiecutter.package_name }}.runtime.brokers.base import (
 from {{ cookiecutter.package_name }}.runtime.brokers.memory import MemoryBroker, MemoryBus
 from {{ cookiecutter.package_name }}.runtime.config import Settings
 from {{ cookiecutter.package_name }}.runtime.envelope import derive_event_id
-from {{ cookiecutter.package_name }}.runtime.loop import MAX_GROUP_BATCHES, _Batch
+from {{ cookiecutter.package_name }}.runtime.loop import MAX_GROUP_MESSAGES, _Batch
 from {{ cookiecutter.package_name }}.runtime.state.base import Fenced
 from {{ cookiecutter.package_name }}.runtime.state.memory import MemoryStateStore
 from {{ cookiecutter.package_name }}.runtime.testing import ServiceHarness
@@ -129,7 +129,7 @@ class CountingStore(MemoryStateStore):
     """Counts its commits (one per stream per group of batches)."""
 
     def __init__(self) -> None:
-        super().__init__(1000, 3600, time.time)
+        super().__init__(100_000, 3600, time.time)
         self.commits_seen = 0
 
     async def commit(
@@ -141,27 +141,29 @@ class CountingStore(MemoryStateStore):
 
 async def test_batches_handled_within_the_interval_are_made_durable_together() -> None:
     """Group commit: a group is written once COMMIT_INTERVAL_MS passed since the last one
-    began, or at once when it holds MAX_GROUP_BATCHES batches; a stop writes it now."""
+    began, or at once when it holds MAX_GROUP_MESSAGES messages; a stop writes it now."""
     bus, _, handled, router = echo_bus()
-    settings = fast_settings(batch_size=5, commit_interval_ms=600_000)
+    size = MAX_GROUP_MESSAGES // 4
+    settings = fast_settings(batch_size=size, commit_interval_ms=600_000)
     journal = Journal()
     store = CountingStore()
     broker = JournalingBroker(bus, settings.consumer_group, journal)
-    for number in range(5 * (1 + MAX_GROUP_BATCHES + 3)):
+    for number in range(size * (1 + 4 + 3)):
         await publish_to(bus, router, StringValue(value=f"v{number}"))
     running = RunningLoop(make_loop(router, bus, store, settings, broker))
 
     # The first batch at once (no write before it), then a full group; the rest waits.
-    await running.wait_until(lambda: len(handled) == 5 * (1 + MAX_GROUP_BATCHES + 3))
+    await running.wait_until(lambda: len(handled) == size * (1 + 4 + 3))
     await running.wait_until(lambda: store.commits_seen == 2)
-    assert bus.pending(settings.consumer_group) == 15
+    assert bus.pending(settings.consumer_group) == 3 * size
     acks = [entry for entry in journal.entries if entry.startswith("ack")]
-    assert acks == ["ack:5", f"ack:{5 * MAX_GROUP_BATCHES}"]
+    assert acks == [f"ack:{size}", f"ack:{MAX_GROUP_MESSAGES}"]
 
     async with asyncio.timeout(10):  # the stop does not wait out the interval
         stats = await running.stop_gracefully()
     assert bus.pending(settings.consumer_group) == 0
-    assert [entry for entry in journal.entries if entry.startswith("ack")][-1] == "ack:15"
+    acks = [entry for entry in journal.entries if entry.startswith("ack")]
+    assert acks[-1] == f"ack:{3 * size}"
     assert store.commits_seen == 3
     assert stats.acked == stats.handled == len(handled)
     # Every event's id was recorded: a redelivery of any of them is a duplicate.

@@ -10,13 +10,14 @@ harmless.
 Handled batches are made durable in groups (group commit): one publish, one store write
 per stream and one ack for every batch handled since the last group began. A group is
 written once COMMIT_INTERVAL_MS passed since the one before it began, or at once when it
-holds MAX_GROUP_BATCHES batches (fewer if the bus allows fewer unacked deliveries, as
-RabbitMQ's prefetch does), so a stream sees at most one store write per interval whatever
-the message rate. Meanwhile the next batches are fetched and handled, so the loop does
-not sit idle on the store and the bus. Groups are written one after another, so acks
-stay in batch order; a batch's ids and key state are known to the next batch before they
-are durable; if they never become durable (a crash, a newer owner), the unacked batches
-are redelivered and what was known is dropped with the stream.
+holds MAX_GROUP_MESSAGES messages (a whole batch if BATCH_SIZE is larger; fewer if the
+bus allows fewer unacked deliveries, as RabbitMQ's prefetch does), so a stream sees at
+most one store write per interval whatever the message rate. Meanwhile the next batches
+are fetched and handled, so the loop does not sit idle on the store and the bus. Groups
+are written one after another, so acks stay in batch order; a batch's ids and key state
+are known to the next batch before they are durable; if they never become durable (a
+crash, a newer owner), the unacked batches are redelivered and what was known is dropped
+with the stream.
 """
 
 from __future__ import annotations
@@ -69,9 +70,10 @@ CONTENT_TYPE_HEADER = "content-type"
 MAX_STATE_BYTES = 64 * 1024  # per key: state travels in every checkpoint that changes it
 STATE_CACHE_KEYS = 10_000  # per exclusive stream; older keys are read again when needed
 LAG_INTERVAL_S = 5.0  # how often the bus is asked for consumer lag
-# Batches a group may gather before it is written without waiting for the interval: this
-# bounds what is held in memory (and redelivered after a crash) while the store is slow.
-MAX_GROUP_BATCHES = 8
+# Messages a group may gather before it is written without waiting out the interval (a
+# whole batch if BATCH_SIZE is larger): this bounds what is held in memory, and what runs
+# again after a crash, while the store is slow. 8 batches of the default size.
+MAX_GROUP_MESSAGES = 4_000
 T = TypeVar("T")
 
 
@@ -236,7 +238,7 @@ class ConsumerLoop:
         self._last_write_at = -float("inf")  # event-loop time the last group began writing
         # A group is written at once when this full; the bus must still be able to deliver
         # the next batch while it is written.
-        self._group_full_at = MAX_GROUP_BATCHES * settings.batch_size
+        self._group_full_at = max(settings.batch_size, MAX_GROUP_MESSAGES)
         if broker.max_unacked is not None:
             room = broker.max_unacked - settings.batch_size
             self._group_full_at = max(1, min(self._group_full_at, room))
