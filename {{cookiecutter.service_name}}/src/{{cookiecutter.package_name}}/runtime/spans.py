@@ -44,16 +44,6 @@ class ChosenTraceIds(RandomIdGenerator):
         self._chosen = threading.local()
 
     @staticmethod
-    def draw_root_ids() -> int:
-        """A trace id (the low 128 bits) and a span id (the 64 above) in one number: the
-        same draw as `generate_trace_id` then `generate_span_id` (getrandbits fills from
-        the low bits up). Kept as one number until the ids are asked for."""
-        bits = _getrandbits(192)
-        if bits & _TRACE_ID_BITS and bits >= _SPAN_ID_UNIT:
-            return bits
-        return ChosenTraceIds.draw_root_ids()  # an invalid (zero) id: 2**-64 odds
-
-    @staticmethod
     def draw_span_id() -> int:
         return random.getrandbits(64) or ChosenTraceIds.draw_span_id()
 
@@ -76,6 +66,23 @@ _getrandbits = random.getrandbits
 _TRACE_ID_BITS = (1 << 128) - 1
 _SPAN_ID_UNIT = 1 << 128  # a root's span id, drawn with its trace id, sits above it
 _SAMPLED_BITS = TraceIdRatioBased.TRACE_ID_LIMIT  # the part of a trace id samplers read
+
+
+def _draw_root_ids() -> int:
+    """A trace id (the low 128 bits) and a span id (the 64 above) in one number: the same
+    draw as `generate_trace_id` then `generate_span_id` (getrandbits fills from the low
+    bits up). Kept as one number until the ids are asked for (`_split_root_ids`)."""
+    ids = _getrandbits(192)
+    if ids & _TRACE_ID_BITS and ids >= _SPAN_ID_UNIT:
+        return ids
+    return _draw_root_ids()  # an invalid (zero) id: 2**-64 odds
+
+
+def _split_root_ids(ids: int) -> tuple[int, int]:
+    """(trace id, span id) of a `_draw_root_ids` number."""
+    return ids & _TRACE_ID_BITS, ids >> 128
+
+
 _NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
 
 
@@ -146,7 +153,7 @@ class _DroppedSpan(NonRecordingSpan):
         if not self._made:
             trace_id, span_id, flags, state = self._parts
             if span_id is None:
-                trace_id, span_id = trace_id & _TRACE_ID_BITS, trace_id >> 128
+                trace_id, span_id = _split_root_ids(trace_id)
             self._context, self._made = SpanContext(trace_id, span_id, False, flags, state), True
         return self._context
 
@@ -177,12 +184,10 @@ class ConsumerSpans:
         if bound is not None:
             parent_span = trace.get_current_span(parent).get_span_context() if parent else None
             if parent_span is None or not parent_span.is_valid:
-                ids = _getrandbits(192)  # draw_root_ids, inline: this runs per message
-                if not (ids & _TRACE_ID_BITS and ids >= _SPAN_ID_UNIT):
-                    ids = ChosenTraceIds.draw_root_ids()
+                ids = _draw_root_ids()
                 if ids & _SAMPLED_BITS >= bound:
                     return _DroppedSpan(ids, None, self._root_flags)
-                self._ids.choose_next(ids & _TRACE_ID_BITS, ids >> 128)  # sampled: by the SDK
+                self._ids.choose_next(*_split_root_ids(ids))  # sampled: the SDK makes it
             elif not parent_span.trace_flags.sampled:
                 flags = self._child_flags.get(parent_span.trace_flags)
                 if flags is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from itertools import groupby, islice
 from operator import attrgetter
 from typing import Any, Literal
@@ -271,15 +271,12 @@ class KafkaBroker(Broker):
                 log.warning("rebalance: drain deadline passed; uncommitted work is redelivered")
         for partition in partitions:
             self._offsets.pop(partition, None)
-        self._keep_ahead(lambda message: message.handle not in partitions)
+        # Their read-ahead goes too: their next owner starts from the committed offset.
+        ahead = self._ahead[self._ahead_at :]
+        self._ahead = [message for message in ahead if message.handle not in partitions]
+        self._ahead_at = 0
         if self.on_streams_revoked is not None:
             self.on_streams_revoked({stream_of(tp.topic, tp.partition) for tp in partitions})
-
-    def _keep_ahead(self, keep: Callable[[InboundMessage], bool]) -> None:
-        """Drop read-ahead messages of partitions no longer ours: their next owner starts
-        from the committed offset."""
-        self._ahead = [message for message in self._ahead[self._ahead_at :] if keep(message)]
-        self._ahead_at = 0
 
     async def lag(self) -> dict[str, int]:
         """Per assigned partition: high watermark minus the oldest offset not yet acked."""
@@ -312,7 +309,7 @@ class KafkaBroker(Broker):
         # Leaving the group revokes nothing through the listener: forget what was delivered
         # here, or a restart() (rejoining after being fenced) would wait on it for ever.
         self._offsets.clear()
-        self._keep_ahead(lambda message: False)
+        self._ahead, self._ahead_at = [], 0
         self._idle.set()
         if self._producer is not None:
             await self._producer.stop()

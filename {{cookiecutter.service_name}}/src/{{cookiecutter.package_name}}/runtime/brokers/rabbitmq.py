@@ -50,8 +50,7 @@ class RabbitMQBroker(Broker):
     def __init__(self, settings: Settings, rabbit: RabbitMQSettings) -> None:
         self.settings = settings
         self.rabbit = rabbit
-        self._prefetch = settings.batch_size * rabbit.amqp_prefetch_batches
-        self.max_unacked = self._prefetch
+        self.max_unacked: int = settings.batch_size * rabbit.amqp_prefetch_batches
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
@@ -77,7 +76,7 @@ class RabbitMQBroker(Broker):
             self._connection.reconnect_callbacks.add(self._on_reconnect)
             channel = await self._connection.channel(publisher_confirms=True)
             self._channel = channel
-            await channel.set_qos(prefetch_count=self._prefetch)
+            await channel.set_qos(prefetch_count=self.max_unacked)
             self._exchange = await channel.declare_exchange(
                 self.rabbit.amqp_exchange, aio_pika.ExchangeType.TOPIC, durable=True
             )

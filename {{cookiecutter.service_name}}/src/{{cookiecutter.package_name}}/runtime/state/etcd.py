@@ -8,9 +8,9 @@ Layout under `<ETCD_KEY_PREFIX>/<CONSUMER_GROUP>/<stream>/`:
   state/<key>        a key's handler state: JSON {"v": value, "a": [applied event ids]};
                      an emptied state stays on a lease until its applied ids expire
 
-One transaction per stream per group of batches, comparing the fence revision (exclusive streams) or
-the read revisions of the changed state keys (shared streams). A batch beyond etcd's
-limits (1.5 MiB per request, 128 operations per transaction) is split: state keys first,
+One transaction per stream per group of batches, comparing the fence revision (exclusive
+streams) or the read revisions of the changed state keys (shared streams). A commit beyond
+etcd's limits (1.5 MiB per request, 128 operations per transaction) is split: state keys first,
 then ids, then progress last; each state key names the events that produced it, so a
 crash between the parts cannot apply a redelivered event twice.
 """
