@@ -13,7 +13,7 @@ from {{ cookiecutter.package_name }}.runtime import Context, Router
 from {{ cookiecutter.package_name }}.runtime.config import ENV_PREFIX, load_settings
 from {{ cookiecutter.package_name }}.runtime.errors import ConfigError
 from {{ cookiecutter.package_name }}.runtime.state import open_state_store
-from {{ cookiecutter.package_name }}.runtime.state.etcd import CHUNK_BYTES, _chunks
+from {{ cookiecutter.package_name }}.runtime.state.etcd import CHUNK_BYTES, _id_values
 from {{ cookiecutter.package_name }}.runtime.testing import ServiceHarness
 
 
@@ -44,18 +44,20 @@ def test_sqlite_url_without_a_path_is_one_line(monkeypatch: pytest.MonkeyPatch) 
 
 
 @pytest.mark.parametrize(
-    "ids",
+    ("ids", "records"),
     [
-        [str(uuid.uuid4()) for _ in range(500)],  # the usual batch: one chunk
-        ["\N{GRINNING FACE}" * 1000 + str(n) for n in range(300)],  # 12 bytes a character
-        ['\x01"' * 2000 + str(n) for n in range(300)],  # escaped control characters
+        ([str(uuid.uuid4()) for _ in range(4000)], 1),  # a full group
+        ([str(uuid.uuid4()) for _ in range(30_000)], 2),  # 39 bytes an id
+        (["\N{GRINNING FACE}" * 1000 + str(n) for n in range(300)], 4),  # 12 bytes a character
+        (['\x01"' * 2000 + str(n) for n in range(300)], 5),  # escaped control characters
     ],
 )
-def test_etcd_id_chunks_stay_within_the_request_limit(ids: list[str]) -> None:
-    chunks = _chunks(ids)
-    assert [event_id for chunk in chunks for event_id in chunk] == ids
-    wrapper = len("[1700000000.123456,[]]")  # the time the ids are stored with
-    for chunk in chunks:
-        assert len(json.dumps([1700000000.123456, chunk], separators=(",", ":"))) <= (
-            CHUNK_BYTES + wrapper
-        )
+def test_etcd_id_records_stay_within_the_request_limit(ids: list[str], records: int) -> None:
+    recorded_at = 1700000000.123456
+    values = _id_values(ids, recorded_at)
+    assert len(values) == records
+    stored = [json.loads(value) for value, _ in values]
+    assert [event_id for _, chunk in stored for event_id in chunk] == ids
+    assert [len(chunk) for _, chunk in stored] == [count for _, count in values]
+    assert all(at == recorded_at for at, _ in stored)
+    assert all(len(value) <= CHUNK_BYTES for value, _ in values)

@@ -216,13 +216,14 @@ class CloudEventsProtobufCodec:
             else:
                 packed = event.proto_data
                 found_url = packed.type_url
+                event_id = event.id
                 if (
                     event.type == event_type
-                    and event.id
+                    and event_id
                     and event.spec_version == SPEC_VERSION
                     and (found_url == type_url or _packs(found_url, type_url, event_type))
                 ):
-                    return _envelope(event, packed.value, data)
+                    return _envelope(event, event_id, event_type, packed.value, data)
         return self._decode_any(data)
 
     def _decode_any(self, data: bytes) -> Envelope:
@@ -237,7 +238,7 @@ class CloudEventsProtobufCodec:
                 f"needs id, type and specversion {SPEC_VERSION} "
                 f"(got id={event_id!r} type={event_type!r} specversion={event.spec_version!r})",
             )
-        return _envelope(event, self._unpack(event, event_type), data)
+        return _envelope(event, event_id, event_type, self._unpack(event, event_type), data)
 
     def _unpack(self, event: cloudevents_pb2.CloudEvent, event_type: str) -> Message | None:
         known = self.registry.unpacking.get(event_type)
@@ -267,11 +268,14 @@ def _packs(found_url: str, type_url: str, event_type: str) -> bool:
     return found_url == type_url or found_url.rpartition("/")[2] == event_type
 
 
-def _envelope(event: Any, payload: Message | None, data: bytes) -> Envelope:
-    """`event` is a CloudEvent, or the one-pass message with the same attributes."""
+def _envelope(
+    event: Any, event_id: str, event_type: str, payload: Message | None, data: bytes
+) -> Envelope:
+    """`event` is a CloudEvent, or the one-pass message with the same attributes; its id
+    and type were read already (a type string is shared by all events of the type)."""
     envelope = Envelope(
-        event.id,
-        event.type,
+        event_id,
+        event_type,
         event.source,
         payload,
         # Indexing adds an empty attribute when there is none (its text is ""): cheaper
