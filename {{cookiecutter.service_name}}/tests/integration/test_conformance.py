@@ -123,7 +123,8 @@ async def test_a_batch_gathers_what_arrives_within_the_fill_window(backend: Back
     await producer.publish([OutboundMessage(topic, b"warm-up")])
     await consumer.ack(await fetch_at_least(consumer, 1))  # Kafka: the group is joined
 
-    filling = asyncio.ensure_future(consumer.fetch_batch(10, 30.0, 3.0))
+    clock = asyncio.get_running_loop().time
+    filling = asyncio.ensure_future(consumer.fetch_batch(10, 30.0, clock() + 3.0))
     for n in range(3):
         await producer.publish([OutboundMessage(topic, b"t%d" % n)])
         await asyncio.sleep(0.05)
@@ -133,7 +134,7 @@ async def test_a_batch_gathers_what_arrives_within_the_fill_window(backend: Back
 
     await producer.publish([OutboundMessage(topic, b"f%d" % n) for n in range(3)])
     async with asyncio.timeout(20):  # far below the fill window: a full batch returns
-        full = await consumer.fetch_batch(3, 30.0, 600.0)
+        full = await consumer.fetch_batch(3, 30.0, clock() + 600.0)
     assert sorted(m.body for m in full) == [b"f0", b"f1", b"f2"]
     await consumer.ack(full)
 

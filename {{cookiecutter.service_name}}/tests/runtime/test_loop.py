@@ -171,6 +171,34 @@ async def test_batches_handled_within_the_interval_are_made_durable_together() -
     assert len(records) == len(handled)
 
 
+async def test_a_batch_fills_until_the_next_group_may_be_written() -> None:
+    """After a quiet spell the first message is handled and acked at once; the messages
+    after it gather into one batch until the next group may be written (here not before
+    the stop, COMMIT_INTERVAL_MS being ten minutes)."""
+    bus, _, handled, router = echo_bus()
+    settings = fast_settings(batch_size=5, commit_interval_ms=600_000)
+    journal = Journal()
+    broker = JournalingBroker(bus, settings.consumer_group, journal)
+    running = RunningLoop(make_loop(router, bus, CountingStore(), settings, broker))
+    await running.wait_started()
+
+    await publish_to(bus, router, StringValue(value="first"))
+    await running.wait_until(lambda: "ack:1" in journal.entries)
+    for number in range(4):  # trickling in: one batch, handled once full
+        await publish_to(bus, router, StringValue(value=f"v{number}"))
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)
+    assert handled == ["first"]
+    await publish_to(bus, router, StringValue(value="v4"))
+    await running.wait_until(lambda: len(handled) == 6)
+    assert running.loop.stats.batches == 2
+
+    async with asyncio.timeout(10):
+        await running.stop_gracefully()
+    acks = [entry for entry in journal.entries if entry.startswith("ack")]
+    assert acks == ["ack:1", "ack:5"]
+
+
 async def test_a_bus_that_limits_unacked_deliveries_is_not_kept_waiting() -> None:
     """With RabbitMQ's prefetch, a group waiting out the interval would stop deliveries:
     a group is written as soon as the bus could not deliver another batch beside it."""

@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     commit_interval_ms: int = Field(
         100,
         ge=0,
-        description="Time to fill a batch after its first message; least time between checkpoints",
+        description="Least time between checkpoints; a batch fills until the next may be written",
     )
     max_message_bytes: int = Field(1_048_576, gt=0, description="Larger messages are dead-lettered")
     max_concurrency: int = Field(64, gt=0, description="Keys handled at once within a batch")

@@ -296,16 +296,14 @@ class ConsumerLoop:
         return fetching.result()
 
     async def _fill_batch(self) -> list[InboundMessage]:
-        """Up to BATCH_SIZE messages: once one arrived, keep filling for COMMIT_INTERVAL_MS.
-
-        This is what bounds store writes and acks: one per stream per interval, or per
-        full batch, whatever the message rate.
-        """
+        """Up to BATCH_SIZE messages: once one arrived, keep filling until the next group
+        may be written (COMMIT_INTERVAL_MS after the last one began). Waiting longer would
+        only delay the ack; handling sooner would only make smaller batches."""
         settings = self.settings
         return await self.broker.fetch_batch(
             settings.batch_size,
             settings.batch_timeout_ms / 1000,
-            settings.commit_interval_ms / 1000,
+            self._last_write_at + settings.commit_interval_ms / 1000,
         )
 
     async def _process_or_drain(self, batch: list[InboundMessage], stop: asyncio.Event) -> None:

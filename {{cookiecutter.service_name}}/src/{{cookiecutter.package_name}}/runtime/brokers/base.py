@@ -106,17 +106,17 @@ class Broker(ABC):
         """Up to `max_messages` deliveries, waiting at most `max_wait_s` for the first."""
 
     async def fetch_batch(
-        self, max_messages: int, first_wait_s: float, fill_s: float
+        self, max_messages: int, first_wait_s: float, fill_until: float
     ) -> list[InboundMessage]:
-        """The loop's batch: wait at most `first_wait_s` for a first delivery, then up to
-        `fill_s` more for the batch to fill to `max_messages`. Built on `fetch`; a broker
-        told of each delivery may instead wake once the batch is full (RabbitMQ)."""
+        """The loop's batch: wait at most `first_wait_s` for a first delivery, then until
+        event-loop time `fill_until` for the batch to fill to `max_messages`. Built on
+        `fetch`; a broker told of each delivery may instead wake once the batch is full
+        (RabbitMQ)."""
         batch = await self.fetch(max_messages, first_wait_s)
         if not batch:
             return batch
         clock = asyncio.get_running_loop().time
-        deadline = clock() + fill_s
-        while len(batch) < max_messages and (left := deadline - clock()) > 0:
+        while len(batch) < max_messages and (left := fill_until - clock()) > 0:
             batch += await self.fetch(max_messages - len(batch), left)
         return batch
 

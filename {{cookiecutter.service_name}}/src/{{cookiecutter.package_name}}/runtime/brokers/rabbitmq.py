@@ -8,6 +8,7 @@ acked (RabbitMQ redelivers them, flagged redelivered, and dedupe drops what was 
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -141,15 +142,15 @@ class RabbitMQBroker(Broker):
         return len(self._buffer) >= count
 
     async def fetch(self, max_messages: int, max_wait_s: float) -> list[InboundMessage]:
-        return await self.fetch_batch(max_messages, max_wait_s, 0.0)
+        return await self.fetch_batch(max_messages, max_wait_s, fill_until=-math.inf)
 
     async def fetch_batch(
-        self, max_messages: int, first_wait_s: float, fill_s: float
+        self, max_messages: int, first_wait_s: float, fill_until: float
     ) -> list[InboundMessage]:
-        """Wakes once when the batch is full (or `fill_s` passed), not at every delivery."""
+        """Wakes once when the batch is full (or `fill_until` came), not at every delivery."""
         if not await self._buffered(1, first_wait_s):
             return []
-        await self._buffered(max_messages, fill_s)
+        await self._buffered(max_messages, fill_until - asyncio.get_running_loop().time())
         return self._take(max_messages)
 
     def _take(self, max_messages: int) -> list[InboundMessage]:
