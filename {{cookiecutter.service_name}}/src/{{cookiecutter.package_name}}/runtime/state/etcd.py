@@ -370,20 +370,24 @@ def _id_values(ids: Sequence[str], recorded_at: float) -> list[tuple[bytes, int]
     each, ids in order, with how many ids each holds. Each id is escaped once, in C (a
     group's thousands of ids are written at once)."""
     head = f"[{float(recorded_at)!r},["
+
+    def record(run: list[str]) -> tuple[bytes, int]:
+        return f"{head}{','.join(run)}]]".encode(), len(run)
+
     quoted = list(map(encode_basestring_ascii, ids))
     if len(head) + sum(map(len, quoted)) + len(quoted) + 1 <= CHUNK_BYTES:  # the usual case
-        return [(f"{head}{','.join(quoted)}]]".encode(), len(quoted))]
-    values: list[tuple[bytes, int]] = []
+        return [record(quoted)]
+    records: list[tuple[bytes, int]] = []
     run: list[str] = []
     size = len(head) + 1  # and "]]" less the comma the last id does not take
     for text in quoted:
         if run and size + len(text) + 1 > CHUNK_BYTES:
-            values.append((f"{head}{','.join(run)}]]".encode(), len(run)))
+            records.append(record(run))
             run, size = [], len(head) + 1
         run.append(text)
         size += len(text) + 1
-    values.append((f"{head}{','.join(run)}]]".encode(), len(run)))
-    return values
+    records.append(record(run))
+    return records
 
 
 def open_store(settings: Settings, clock: Callable[[], float]) -> EtcdStateStore:
