@@ -5,7 +5,9 @@ was generated for. Real servers are used when their address is in the environmen
     TEST_AMQP_URL=amqp://guest:guest@127.0.0.1:5672/ (RabbitMQ flavour)
 
 Without an address the real-broker cases are skipped, except under CI=true, where a
-missing server fails the run. Template-owned; do not edit.
+missing server fails the run. Each test's topics (Kafka) or queues and dead-letter
+exchanges (RabbitMQ) are deleted after it, so a shared development broker does not
+collect them. Template-owned; do not edit.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class Backend:
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
     bus: MemoryBus = field(default_factory=MemoryBus)
     opened: list[Broker] = field(default_factory=list)
+    used: list[Settings] = field(default_factory=list)  # what its brokers were opened with
 
     def settings(self, **overrides: Any) -> Settings:
         values: dict[str, Any] = {
@@ -81,7 +84,15 @@ class Backend:
             else open_broker(settings)
         )
         self.opened.append(broker)
+        self.used.append(settings)
         return broker
+
+    async def close(self) -> None:
+        """Close the test's brokers; on a real one, delete the topics or queues it made."""
+        for broker in self.opened:
+            await broker.close()
+        if self.support is not None:
+            await self.support.remove_test_resources(self.url, self.used)
 
     async def dead_letters(
         self, settings: Settings, topic: str, expected: int, deadline_s: float = 20.0
@@ -125,8 +136,7 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
     """Every bus this service can use: the memory bus and its real broker."""
     chosen = make_backend(request.param)
     yield chosen
-    for broker in chosen.opened:
-        await broker.close()
+    await chosen.close()
 
 
 @pytest.fixture(params=list(REAL))
@@ -134,8 +144,7 @@ async def real_backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]
     """Only the real broker, for behaviour the memory bus does not model."""
     chosen = make_backend(request.param)
     yield chosen
-    for broker in chosen.opened:
-        await broker.close()
+    await chosen.close()
 
 
 async def fetch_at_least(

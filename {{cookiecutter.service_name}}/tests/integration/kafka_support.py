@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from aiokafka import AIOKafkaConsumer
+from aiokafka.admin import AIOKafkaAdminClient
 
 from {{ cookiecutter.package_name }}.runtime.brokers.base import text_headers
 from {{ cookiecutter.package_name }}.runtime.brokers.kafka import bootstrap_servers
@@ -44,3 +45,19 @@ async def read_dead_letters(
     finally:
         await consumer.stop()
     return parked
+
+
+async def remove_test_resources(url: str, used: Sequence[Settings]) -> None:
+    """Delete the topics a test made (each test has a topic prefix of its own), so that a
+    shared development cluster does not collect them run after run."""
+    prefixes = tuple({settings.topic_prefix for settings in used if settings.topic_prefix})
+    if not prefixes:
+        return
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers(url))
+    await admin.start()
+    try:
+        made = [topic for topic in await admin.list_topics() if topic.startswith(prefixes)]
+        if made:
+            await admin.delete_topics(made)
+    finally:
+        await admin.close()

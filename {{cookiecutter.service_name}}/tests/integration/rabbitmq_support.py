@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import aio_pika
 
@@ -40,3 +40,21 @@ async def read_dead_letters(
     finally:
         await connection.close()
     return parked
+
+
+async def remove_test_resources(url: str, used: Sequence[Settings]) -> None:
+    """Delete the queues and dead-letter exchanges a test declared (each named after a
+    consumer group of that test's own), so that a shared development broker does not
+    collect them run after run. The shared topic exchange stays."""
+    groups = {settings.consumer_group: settings.dead_letter_queue for settings in used}
+    if not groups:
+        return
+    connection = await aio_pika.connect(url)
+    try:
+        channel = await connection.channel()
+        for queue, dead_letters in groups.items():
+            await channel.queue_delete(queue)
+            await channel.queue_delete(dead_letters)
+            await channel.exchange_delete(dead_letters)
+    finally:
+        await connection.close()
