@@ -93,6 +93,8 @@ class Backend:
             await broker.close()
         if self.support is not None:
             await self.support.remove_test_resources(self.url, self.used)
+        self.opened.clear()
+        self.used.clear()
 
     async def dead_letters(
         self, settings: Settings, topic: str, expected: int, deadline_s: float = 20.0

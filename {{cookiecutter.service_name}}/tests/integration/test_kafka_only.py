@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.partitioner import DefaultPartitioner
 
 from {{ cookiecutter.package_name }}.runtime.brokers.base import OutboundMessage
+from {{ cookiecutter.package_name }}.runtime.brokers.kafka import bootstrap_servers
 
 from .conftest import Backend, fetch_at_least
 from .test_conformance import publish
@@ -25,3 +27,23 @@ async def test_keyed_messages_land_on_the_murmur2_partition(real_backend: Backen
         expected = DefaultPartitioner()(message.key.encode(), partitions, partitions)
         assert message.stream == f"{topic}:{expected}"
     await consumer.ack(received)
+
+
+async def topics_under(url: str, prefix: str) -> list[str]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers(url))
+    await admin.start()
+    try:
+        return sorted(topic for topic in await admin.list_topics() if topic.startswith(prefix))
+    finally:
+        await admin.close()
+
+
+async def test_a_test_leaves_no_topics_behind(real_backend: Backend) -> None:
+    """What the fixture does after every test: the topics the test made are deleted."""
+    settings = real_backend.settings()
+    topic = settings.topic_for("left-behind")
+    await real_backend.broker(settings).start([topic])
+    made = [topic, settings.dead_letter_topic_for(topic)]
+    assert await topics_under(real_backend.url, settings.topic_prefix) == sorted(made)
+    await real_backend.close()
+    assert await topics_under(real_backend.url, settings.topic_prefix) == []

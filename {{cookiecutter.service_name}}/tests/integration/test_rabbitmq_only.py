@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import aio_pika
 import pytest
+from aio_pika.exceptions import ChannelNotFoundEntity
 
 from {{ cookiecutter.package_name }}.runtime.brokers.base import (
     BrokerUnavailable,
@@ -115,3 +117,29 @@ async def test_unreadable_tls_files_are_a_one_line_config_error(
     )
     with pytest.raises(ConfigError, match=r"BROKER_TLS_CA_FILE: no such file /nonexistent/ca\.pem"):
         await real_backend.broker(settings).start([])
+
+
+async def existing_queues(url: str, names: list[str]) -> list[str]:
+    connection = await aio_pika.connect(url)
+    found = []
+    try:
+        for name in names:
+            channel = await connection.channel()  # a missing queue closes its channel
+            try:
+                await channel.declare_queue(name, passive=True)
+                found.append(name)
+            except ChannelNotFoundEntity:
+                pass
+    finally:
+        await connection.close()
+    return found
+
+
+async def test_a_test_leaves_no_queues_behind(real_backend: Backend) -> None:
+    """What the fixture does after every test: the queues the test declared are deleted."""
+    settings = real_backend.settings()
+    await real_backend.broker(settings).start([settings.topic_for("left-behind")])
+    made = [settings.consumer_group, settings.dead_letter_queue]
+    assert await existing_queues(real_backend.url, made) == made
+    await real_backend.close()
+    assert await existing_queues(real_backend.url, made) == []
