@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
@@ -53,11 +54,17 @@ async def remove_test_resources(url: str, used: Sequence[Settings]) -> None:
     prefixes = tuple({settings.topic_prefix for settings in used if settings.topic_prefix})
     if not prefixes:
         return
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers(url))
-    await admin.start()
-    try:
+    async with admin_client(url) as admin:
         made = [topic for topic in await admin.list_topics() if topic.startswith(prefixes)]
         if made:
             await admin.delete_topics(made)
+
+
+@contextlib.asynccontextmanager
+async def admin_client(url: str) -> AsyncIterator[AIOKafkaAdminClient]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers(url))
+    await admin.start()
+    try:
+        yield admin
     finally:
         await admin.close()

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.partitioner import DefaultPartitioner
 
 from {{ cookiecutter.package_name }}.runtime.brokers.base import OutboundMessage
-from {{ cookiecutter.package_name }}.runtime.brokers.kafka import bootstrap_servers
 
 from .conftest import Backend, fetch_at_least
+from .kafka_support import admin_client
 from .test_conformance import publish
 
 
@@ -30,12 +29,8 @@ async def test_keyed_messages_land_on_the_murmur2_partition(real_backend: Backen
 
 
 async def topics_under(url: str, prefix: str) -> list[str]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers(url))
-    await admin.start()
-    try:
+    async with admin_client(url) as admin:
         return sorted(topic for topic in await admin.list_topics() if topic.startswith(prefix))
-    finally:
-        await admin.close()
 
 
 async def test_a_test_leaves_no_topics_behind(real_backend: Backend) -> None:

@@ -301,10 +301,12 @@ class ConsumerLoop:
         only delay the ack; handling sooner would only make smaller batches."""
         settings = self.settings
         return await self.broker.fetch_batch(
-            settings.batch_size,
-            settings.batch_timeout_ms / 1000,
-            self._last_write_at + settings.commit_interval_ms / 1000,
+            settings.batch_size, settings.batch_timeout_ms / 1000, self._next_write_at()
         )
+
+    def _next_write_at(self) -> float:
+        """Event-loop time from which the next group may be written, unless it is due."""
+        return self._last_write_at + self.settings.commit_interval_ms / 1000
 
     async def _process_or_drain(self, batch: list[InboundMessage], stop: asyncio.Event) -> None:
         processing = asyncio.ensure_future(self._react_then_make_durable(batch))
@@ -411,7 +413,7 @@ class ConsumerLoop:
             await group.after
             group.after = None
         clock = asyncio.get_running_loop().time
-        wait = self._last_write_at + self.settings.commit_interval_ms / 1000 - clock()
+        wait = self._next_write_at() - clock()
         if wait > 0 and not group.due.is_set():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):

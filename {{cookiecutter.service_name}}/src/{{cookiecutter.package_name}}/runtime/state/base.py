@@ -1,7 +1,7 @@
 """The state store interface: durable dedupe records per stream (queue or partition).
 
-A stream's records are written by group commit (one write per stream per group of batches). Two
-kinds of stream exist:
+A stream's records are written by group commit (one write per stream per group of
+batches). Two kinds of stream exist:
 - exclusive (a Kafka partition): one owner at a time. The owner calls `take_over`, which
   fences out earlier owners: their commits fail with `Fenced` from then on.
 - shared (a RabbitMQ queue with competing replicas): no owner, no fencing; replicas see
