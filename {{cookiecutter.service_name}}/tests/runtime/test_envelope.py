@@ -68,7 +68,11 @@ def test_unknown_type_decodes_without_payload() -> None:
         (cloudevents_pb2.CloudEvent(id="x", type="t").SerializeToString(), "invalid-envelope"),
         (
             cloudevents_pb2.CloudEvent(
-                id="x", type="google.protobuf.StringValue", spec_version="1.0", text_data="hi"
+                id="x",
+                source="urn:x",
+                type="google.protobuf.StringValue",
+                spec_version="1.0",
+                text_data="hi",
             ).SerializeToString(),
             "schema-mismatch",
         ),
@@ -102,7 +106,9 @@ def test_events_decode_alike_whatever_type_came_before() -> None:
             assert decoded == second
             assert type(decoded.payload) is type(second.payload)
     codec.decode(codec.encode(sent[0]))
-    foreign = cloudevents_pb2.CloudEvent(id="f-1", spec_version="1.0", type=sent[0].type)
+    foreign = cloudevents_pb2.CloudEvent(
+        id="f-1", source="urn:other", spec_version="1.0", type=sent[0].type
+    )
     foreign.proto_data.Pack(StringValue(value="hi"), type_url_prefix="example.com/types/")
     assert codec.decode(foreign.SerializeToString()).payload == StringValue(value="hi")
 
@@ -113,6 +119,7 @@ def test_events_decode_alike_whatever_type_came_before() -> None:
         (  # the payload's bytes are not a StringValue (invalid UTF-8)
             cloudevents_pb2.CloudEvent(
                 id="x",
+                source="urn:x",
                 type="google.protobuf.StringValue",
                 spec_version="1.0",
                 proto_data={
@@ -125,6 +132,7 @@ def test_events_decode_alike_whatever_type_came_before() -> None:
         (  # packed as another type
             cloudevents_pb2.CloudEvent(
                 id="x",
+                source="urn:x",
                 type="google.protobuf.StringValue",
                 spec_version="1.0",
                 proto_data={"type_url": "type.googleapis.com/google.protobuf.Int64Value"},
@@ -133,7 +141,11 @@ def test_events_decode_alike_whatever_type_came_before() -> None:
         ),
         (
             cloudevents_pb2.CloudEvent(
-                id="x", type="google.protobuf.StringValue", spec_version="1.0", text_data="hi"
+                id="x",
+                source="urn:x",
+                type="google.protobuf.StringValue",
+                spec_version="1.0",
+                text_data="hi",
             ),
             "schema-mismatch",
         ),

@@ -13,6 +13,7 @@ from google.protobuf.wrappers_pb2 import StringValue
 
 from {{ cookiecutter.package_name }}.runtime import Context, DeadLetter, RetryLater, Router
 from {{ cookiecutter.package_name }}.runtime.brokers.memory import MemoryBus
+from {{ cookiecutter.package_name }}.runtime.loop import MAX_STATE_BYTES
 from {{ cookiecutter.package_name }}.runtime.state.base import KeyState
 from {{ cookiecutter.package_name }}.runtime.state.memory import MemoryStateStore
 from {{ cookiecutter.package_name }}.runtime.testing import ServiceHarness
@@ -76,6 +77,23 @@ async def test_state_that_is_not_json_is_dead_lettered_with_a_clear_reason() -> 
     [parked] = service.dead_letters
     assert parked.reason == "handler-failed"
     assert "ctx.state must hold JSON values" in parked.error
+    assert await service.state_of("k") == {}
+
+
+async def test_state_over_the_limit_is_dead_lettered_with_its_own_reason() -> None:
+    router = Router()
+
+    @router.handles(StringValue, stateful=True)
+    async def hoard(event: StringValue, ctx: Context) -> None:
+        ctx.state["blob"] = "x" * MAX_STATE_BYTES
+
+    service = ServiceHarness(router, **FAST)
+    await service.publish(StringValue(value="x"), key="k")
+    await service.run_until_idle()
+
+    [parked] = service.dead_letters
+    assert parked.reason == "state-too-large"
+    assert f"the limit is {MAX_STATE_BYTES}" in parked.error
     assert await service.state_of("k") == {}
 
 

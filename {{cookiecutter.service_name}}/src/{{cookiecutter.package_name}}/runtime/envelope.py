@@ -6,7 +6,7 @@ import importlib
 import pkgutil
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import ModuleType
 from typing import Any, Protocol, cast
 
@@ -15,7 +15,7 @@ from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import DecodeError, Message
 
 from ..events import cloudevents_pb2
-from .errors import UndecodableEvent
+from .errors import InvalidEnvelope, UndecodableEvent
 
 SPEC_VERSION = "1.0"
 CONTENT_TYPE = "application/cloudevents+protobuf"
@@ -32,6 +32,10 @@ _ONE_PASS_PACKAGE = "event_service_runtime.one_pass"
 # What parses an envelope and its payload in one pass: its own parsed-message type.
 _Parser = Callable[[bytes], Any]
 _one_pass_parsers: dict[type[Message], _Parser | None] = {}
+# The seconds a datetime can hold: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_FIRST_SECOND = int((datetime(1, 1, 1, tzinfo=UTC) - _EPOCH).total_seconds())
+_LAST_SECOND = int((datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC) - _EPOCH).total_seconds())
 
 
 def derive_event_id(parent_id: str, position: int) -> str:
@@ -50,6 +54,9 @@ class Envelope:
     Read-only by contract. A decoded event's `time` and `extensions` are read from its
     bytes on first use: the loop never needs them, and most handlers do not either. (Only
     the bytes are kept meanwhile: holding the parsed message costs more than parsing again.)
+    An attribute that cannot be read (a timestamp no datetime holds) raises InvalidEnvelope
+    on every read, so whoever reads it first (a handler, or the loop building an emitted
+    event) has the event dead-lettered.
     """
 
     __slots__ = ("_extensions", "_time", "_wire", "id", "payload", "source", "subject", "type")
@@ -86,17 +93,17 @@ class Envelope:
         return self._extensions
 
     def _read_wire(self) -> None:
-        data, self._wire = self._wire, None
-        assert data is not None
-        attributes = _CloudEvent.FromString(data).attributes
+        assert self._wire is not None
+        attributes = _CloudEvent.FromString(self._wire).attributes
         stamp = attributes.get("time")
         if stamp is not None and stamp.HasField("ce_timestamp"):
-            self._time = _to_datetime(stamp.ce_timestamp)
+            self._time = _to_datetime("time", stamp.ce_timestamp)
         self._extensions = {
-            name: _attribute_text(value)
+            name: _attribute_text(name, value)
             for name, value in attributes.items()
             if name not in _KNOWN_ATTRIBUTES
         }
+        self._wire = None  # only once all was read: a failure fails every read alike
 
     def _fields(self) -> tuple[object, ...]:
         return (
@@ -118,7 +125,11 @@ class Envelope:
 
     def __repr__(self) -> str:
         names = ("id", "type", "source", "payload", "subject", "time", "extensions")
-        shown = ", ".join(f"{n}={v!r}" for n, v in zip(names, self._fields(), strict=True))
+        try:
+            fields = self._fields()
+        except InvalidEnvelope as error:  # repr serves logs and test reports: never raise
+            return f"Envelope(id={self.id!r}, type={self.type!r}, invalid: {error.detail})"
+        shown = ", ".join(f"{n}={v!r}" for n, v in zip(names, fields, strict=True))
         return f"Envelope({shown})"
 
 
@@ -220,6 +231,7 @@ class CloudEventsProtobufCodec:
                 if (
                     event.type == event_type
                     and event_id
+                    and event.source
                     and event.spec_version == SPEC_VERSION
                     and (found_url == type_url or _packs(found_url, type_url, event_type))
                 ):
@@ -232,11 +244,11 @@ class CloudEventsProtobufCodec:
         except DecodeError as error:
             raise UndecodableEvent("undecodable", f"not a CloudEvent protobuf: {error}") from None
         event_id, event_type = event.id, event.type
-        if not event_id or not event_type or event.spec_version != SPEC_VERSION:
+        if not event_id or not event_type or not event.source or event.spec_version != SPEC_VERSION:
             raise UndecodableEvent(
                 "invalid-envelope",
-                f"needs id, type and specversion {SPEC_VERSION} "
-                f"(got id={event_id!r} type={event_type!r} specversion={event.spec_version!r})",
+                f"needs id, source, type and specversion {SPEC_VERSION} (got id={event_id!r} "
+                f"source={event.source!r} type={event_type!r} specversion={event.spec_version!r})",
             )
         return _envelope(event, event_id, event_type, self._unpack(event, event_type), data)
 
@@ -345,18 +357,24 @@ def _parser_of(descriptor: object) -> _Parser:
     return parse
 
 
-def _to_datetime(timestamp: timestamp_pb2.Timestamp) -> datetime:
-    # Timestamp.ToDatetime does the same through timegm, several times slower.
-    moment = datetime.fromtimestamp(timestamp.seconds, UTC)
-    return moment.replace(microsecond=timestamp.nanos // 1000)
+def _to_datetime(attribute: str, timestamp: timestamp_pb2.Timestamp) -> datetime:
+    """The attribute's timestamp; InvalidEnvelope if no datetime holds it. (Arithmetic on
+    the epoch: fromtimestamp's limits depend on the platform, ToDatetime is slower.)"""
+    seconds, nanos = timestamp.seconds, timestamp.nanos
+    if not (_FIRST_SECOND <= seconds <= _LAST_SECOND and 0 <= nanos <= 999_999_999):
+        raise InvalidEnvelope(
+            f"attribute {attribute!r} is not a time a datetime holds "
+            f"(seconds={seconds}, nanos={nanos}; years 1-9999, nanos 0-999999999)"
+        )
+    return _EPOCH + timedelta(seconds=seconds, microseconds=nanos // 1000)
 
 
-def _attribute_text(value: cloudevents_pb2.CloudEvent.CloudEventAttributeValue) -> str:
+def _attribute_text(name: str, value: cloudevents_pb2.CloudEvent.CloudEventAttributeValue) -> str:
     kind = value.WhichOneof("attr")
     if kind is None:
         return ""
     if kind == "ce_timestamp":
-        return _to_datetime(value.ce_timestamp).isoformat()
+        return _to_datetime(name, value.ce_timestamp).isoformat()
     return str(getattr(value, kind))
 
 

@@ -16,6 +16,14 @@ class DeadLetter(Exception):
         self.detail = detail
 
 
+class InvalidEnvelope(DeadLetter):
+    """An envelope attribute that cannot be read (e.g. a time no datetime can hold), found
+    when it is first read: the event is dead-lettered, whoever read it."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("invalid-envelope", detail)
+
+
 class ConfigError(Exception):
     """A setting the user gave is wrong; the message is one line meant for them."""
 

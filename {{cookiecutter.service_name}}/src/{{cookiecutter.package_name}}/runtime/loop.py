@@ -118,19 +118,23 @@ class _KeySlot:
         """A fresh copy for one attempt: a failed attempt leaves no trace."""
         return dict(json.loads(self.value)) if self.value is not None else {}
 
-    def finish(self, event_id: str, state: dict[str, Any]) -> str | None:
-        """Keep what a successful handler left in ctx.state; an error text if unusable."""
+    def finish(self, event_id: str, state: dict[str, Any]) -> None:
+        """Keep what a successful handler left in ctx.state; DeadLetter if unusable."""
         try:
             encoded = json.dumps(state, separators=(",", ":"), sort_keys=True, allow_nan=False)
         except (TypeError, ValueError) as error:
-            return f"ctx.state must hold JSON values: {error}"
+            raise DeadLetter(
+                "handler-failed", f"ctx.state must hold JSON values: {error}"
+            ) from None
         if len(encoded) > MAX_STATE_BYTES:
-            return f"ctx.state is {len(encoded)} bytes encoded; the limit is {MAX_STATE_BYTES}"
+            raise DeadLetter(
+                "state-too-large",
+                f"ctx.state is {len(encoded)} bytes encoded; the limit is {MAX_STATE_BYTES}",
+            )
         value = None if encoded == "{}" else encoded.encode()
         self.applied.append(event_id)
         if value != self.value:
             self.value, self.changed = value, True
-        return None
 
     def to_store(self) -> KeyState:
         return KeyState(self.value, tuple(self.applied), self.stored.version)
@@ -655,11 +659,14 @@ class ConsumerLoop:
                 attempts = self.settings.retry_attempts
                 detail = f"{type(error).__name__}: {error} (after {attempts} attempts)"
                 return DeadLetterRecord(message, "handler-failed", detail)
-        if slot is not None and state is not None:
-            unusable = slot.finish(item.envelope.id, state)
-            if unusable is not None:
-                return DeadLetterRecord(message, "handler-failed", unusable)
         emitted = context.emitted
+        try:
+            if emitted:  # what emitted events carry on (correlation) is first read here
+                item.envelope.extensions  # noqa: B018
+            if slot is not None and state is not None:
+                slot.finish(item.envelope.id, state)
+        except DeadLetter as error:  # InvalidEnvelope, or an unusable ctx.state
+            return DeadLetterRecord(message, error.reason, error.detail)
         if span is trace.INVALID_SPAN:  # no tracing: pass the incoming trace context on as is
             for event in emitted:
                 telemetry.pass_on(message.headers, event.headers, self._trace_fields)
