@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv with the template's own tools (cookiecutter, uv, pytest, ruff).
+# Creates .venv with the template's own tools (cookiecutter, cruft, uv, pytest, ruff, kubectl).
 # Idempotent: re-running only installs what requirements-dev.txt changed.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -58,12 +58,20 @@ install_missing() {
 
 make_test_ca() {  # a CA, a server certificate for 127.0.0.1 and a client certificate
     local dir="$state/tls"
-    [ -f "$dir/client.pem" ] && return 0
+    # Kept, unless an older version of this script made it without keyUsage (it is made
+    # again before RabbitMQ starts, never under a running one).
+    if [ -f "$dir/client.pem" ] &&
+        openssl x509 -in "$dir/ca.pem" -noout -ext keyUsage 2>/dev/null | grep -q "Cert.*Sign"; then
+        return 0
+    fi
+    rm -rf "$dir"
     mkdir -p "$dir"
     (
         cd "$dir"
+        # keyUsage: Python 3.13's default (strict) verification refuses a CA without it.
         openssl req -x509 -newkey rsa:2048 -nodes -days 30 -keyout ca.key -out ca.pem \
-            -subj "/CN=event-service test CA" 2>/dev/null
+            -subj "/CN=event-service test CA" \
+            -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
         printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n' >server.ext
         printf 'extendedKeyUsage=clientAuth\n' >client.ext
         for role in server client; do

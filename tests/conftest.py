@@ -54,11 +54,15 @@ def run_ok(
     return result
 
 
-def bake_cli(output_dir: Path, **answers: str) -> subprocess.CompletedProcess[str]:
-    """Run the cookiecutter command line, as a user would."""
+def bake_cli(
+    output_dir: Path, *, merged: bool = False, **answers: str
+) -> subprocess.CompletedProcess[str]:
+    """Run the cookiecutter command line, as a user would; `merged`: stderr into stdout,
+    in the order a terminal shows them."""
     args = [tool("cookiecutter"), "--no-input", "-o", str(output_dir), str(TEMPLATE)]
     args += [f"{key}={value}" for key, value in answers.items()]
-    return subprocess.run(args, capture_output=True, text=True, timeout=300)
+    stderr = subprocess.STDOUT if merged else subprocess.PIPE
+    return subprocess.run(args, stdout=subprocess.PIPE, stderr=stderr, text=True, timeout=300)
 
 
 def bake(output_dir: Path, **answers: str) -> Path:

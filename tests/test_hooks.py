@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import re
+import shlex
 from pathlib import Path
 from types import ModuleType
 
@@ -92,7 +94,48 @@ def test_cookiecutter_refuses_bad_answers_and_writes_nothing(
 def test_cookiecutter_refuses_an_unknown_choice(out: Path) -> None:
     result = bake_cli(out, broker="nats")
     assert result.returncode != 0
+    assert result.stderr.splitlines()[-1] == (
+        "ValueError: nats provided for choice variable broker, "
+        "but the choices are ['kafka', 'rabbitmq']."
+    )
     assert list(out.iterdir()) == []
+
+
+def documented_refusals() -> list[tuple[dict[str, str], list[str]]]:
+    """docs/options.md's examples: the answers of each `$ cookiecutter` line, and the
+    lines shown after it."""
+    text = (TEMPLATE / "docs" / "options.md").read_text()
+    examples = []
+    for block in re.findall(r"^ *```text\n(.*?)^ *```", text, flags=re.MULTILINE | re.DOTALL):
+        command, *shown = [line.removeprefix("    ") for line in block.splitlines()]
+        words = shlex.split(command.removeprefix("$ "))
+        assert words[:3] == ["cookiecutter", "--no-input", "<template>"], command
+        examples.append((dict(word.split("=", 1) for word in words[3:]), shown))
+    return examples
+
+
+def headlines(lines: list[str]) -> list[str]:
+    """The lines of an output that are not a traceback's frames (those vary)."""
+    return [line for line in lines if not line.startswith(" ")]
+
+
+def test_options_doc_shows_what_cookiecutter_prints_for_a_refused_answer(out: Path) -> None:
+    """cookiecutter adds a traceback to every refusal and no template can stop it: the
+    doc says so and shows the output, which must stay the output."""
+    examples = documented_refusals()
+    assert {tuple(answers) for answers, _ in examples} == {("service_name",), ("python_version",)}
+    for answers, shown in examples:
+        result = bake_cli(out, merged=True, **answers)
+        assert result.returncode == 1
+        assert headlines(result.stdout.splitlines()) == headlines(shown)
+        assert list(out.iterdir()) == []
+
+
+def test_a_refused_answer_is_the_first_line_the_user_sees(out: Path) -> None:
+    result = bake_cli(out, merged=True, service_name="Bad Name")
+    first, *rest = result.stdout.splitlines()
+    assert first.startswith("error: service_name 'Bad Name' is not a slug")
+    assert not any(line.startswith("error: ") for line in rest)
 
 
 @pytest.mark.parametrize("broker", ["kafka", "rabbitmq"])

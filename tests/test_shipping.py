@@ -1,7 +1,8 @@
 """What ships with a baked service, checked without a Docker engine: the Dockerfile's
 shape and its exact install and run commands (executed here on a plain Python), the
-Kubernetes manifests and the compose stack, and that both name exactly the environment
-variables the service's settings define."""
+Kubernetes manifests as `kubectl kustomize` builds them (kubectl comes with the template's
+tools) and the compose stack, and that both name exactly the environment variables the
+service's settings define."""
 
 from __future__ import annotations
 
@@ -19,9 +20,10 @@ from typing import Any
 import pytest
 import yaml
 
-from .conftest import bake, run_ok, tool_env
+from .conftest import bake, run_ok, tool, tool_env
 
 BROKER_PORTS = {"kafka": {9092, 9093}, "rabbitmq": {5671, 5672}}
+NAME_LABEL = "app.kubernetes.io/name"
 SECRET_VARIABLES = {"BROKER_URL", "ETCD_PASSWORD", "KAFKA_SASL_PASSWORD"}
 
 
@@ -196,16 +198,19 @@ def setting_variables(image: Image) -> set[str]:
 
 
 def k8s(image: Image) -> dict[str, dict[str, Any]]:
-    """deploy/k8s/*.yaml by kind (every file parses; the kustomization lists them all)."""
+    """The objects `kubectl apply -k deploy/k8s` would apply, by kind: the kustomization
+    built by kubectl (what a cluster gets, not the raw files), plus the example secret the
+    kustomization leaves out. Every file under deploy/k8s is either listed or that secret."""
     folder = image.service / "deploy" / "k8s"
-    documents: dict[str, dict[str, Any]] = {}
+    built = run_ok([tool("kubectl"), "kustomize", str(folder)], timeout=120).stdout
+    documents = {document["kind"]: document for document in yaml.safe_load_all(built)}
+    files: dict[str, str] = {}
     for path in sorted(folder.glob("*.yaml")):
         for document in yaml.safe_load_all(path.read_text()):
-            documents[document["kind"]] = document
-            document["_file"] = path.name
-    listed = set(documents["Kustomization"]["resources"])
-    shipped = {d["_file"] for k, d in documents.items() if k not in ("Kustomization", "Secret")}
-    assert listed == shipped
+            files[document["kind"]] = path.name
+    assert set(documents) == set(files) - {"Kustomization", "Secret"}
+    [secret] = yaml.safe_load_all((folder / files["Secret"]).read_text())
+    documents["Secret"] = secret
     return documents
 
 
@@ -244,15 +249,52 @@ def test_k8s_deployment_is_locked_down_and_drains_before_it_is_killed(image: Ima
     heartbeat = Path(manifests["ConfigMap"]["data"][f"{image.prefix}HEARTBEAT_FILE"])
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert str(heartbeat.parent) in mounts, "the heartbeat needs a writable mount"
+    assert manifests["PodDisruptionBudget"]["spec"]["maxUnavailable"] == 1
+
+
+def egress_rule(peer: dict[str, Any], protocol_ports: set[tuple[str, int]]) -> dict[str, Any]:
+    ports = [{"port": port, "protocol": protocol} for protocol, port in sorted(protocol_ports)]
+    return {"to": [peer], "ports": ports}
+
+
+def any_namespace(name: str) -> dict[str, Any]:
+    """Pods labelled app.kubernetes.io/name=<name> in any namespace."""
+    return {"namespaceSelector": {}, "podSelector": {"matchLabels": {NAME_LABEL: name}}}
+
+
+def test_k8s_network_policy_selects_the_pods_and_lets_out_only_to_their_servers(
+    image: Image,
+) -> None:
+    """As built by kustomize: its labels must not rewrite the egress peers' selectors."""
+    manifests = k8s(image)
+    deployment = manifests["Deployment"]["spec"]
+    selected = deployment["selector"]["matchLabels"]
+    # What the kustomization's includeSelectors gave every selector up to now: a
+    # Deployment's selector is immutable, so it stays exactly this.
+    assert selected == {NAME_LABEL: image.name, "app.kubernetes.io/part-of": "event-services"}
+    pod_labels = deployment["template"]["metadata"]["labels"]
+    assert selected.items() <= pod_labels.items(), "the Deployment would select no pod"
+    assert manifests["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"] == selected
 
     policy = manifests["NetworkPolicy"]["spec"]
-    assert set(policy["policyTypes"]) == {"Ingress", "Egress"} and policy["ingress"] == []
-    ports = {port["port"] for rule in policy["egress"] for port in rule["ports"]}
-    assert ports == BROKER_PORTS[image.broker] | {2379, 4317, 4318, 53}
-    assert manifests["PodDisruptionBudget"]["spec"]["maxUnavailable"] == 1
-    labels = manifests["Deployment"]["spec"]["selector"]["matchLabels"]
-    assert policy["podSelector"]["matchLabels"] == labels
-    assert manifests["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"] == labels
+    assert policy["podSelector"]["matchLabels"] == selected
+    assert sorted(policy["policyTypes"]) == ["Egress", "Ingress"]
+    assert policy.get("ingress", []) == [], "no inbound connections at all"
+    tcp = {("TCP", port) for port in BROKER_PORTS[image.broker]}
+    dns = {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+        "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+    }
+    normalised = [
+        {"to": rule["to"], "ports": sorted(rule["ports"], key=lambda p: (p["protocol"], p["port"]))}
+        for rule in policy["egress"]
+    ]
+    assert normalised == [
+        egress_rule(any_namespace(image.broker), tcp),
+        egress_rule(any_namespace("etcd"), {("TCP", 2379)}),
+        egress_rule(any_namespace("opentelemetry-collector"), {("TCP", 4317), ("TCP", 4318)}),
+        egress_rule(dns, {("UDP", 53), ("TCP", 53)}),
+    ]
 
 
 def test_compose_stack_runs_the_service_against_its_servers(image: Image) -> None:

@@ -14,9 +14,11 @@ def make_certificates(folder: Path, name: str) -> dict[str, Path]:
         subprocess.run(["openssl", *arguments], cwd=folder, check=True, capture_output=True)
 
     subject = f"/CN={name} test CA"
+    # keyUsage: Python 3.13's default (strict) verification refuses a CA without it.
     openssl(
         "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
         "-keyout", "ca.key", "-out", "ca.pem", "-subj", subject,
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
     )  # fmt: skip
     extensions = {
         "server": "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",

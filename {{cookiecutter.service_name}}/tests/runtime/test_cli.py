@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,13 @@ def test_bad_setting_is_one_line_without_traceback(
     assert result.stderr.startswith(f"{SERVICE_NAME}: error: {ENV_PREFIX}{variable}")
     assert len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.stderr
+
+
+def test_version_names_the_installed_distribution(env: dict[str, str]) -> None:
+    result = cli(env, "--version")
+    assert result.returncode == 0
+    [line] = result.stdout.splitlines()
+    assert line == f"{SERVICE_NAME} {version(SERVICE_NAME)}"
 
 
 def test_emit_publishes_an_event_built_from_json(env: dict[str, str]) -> None:

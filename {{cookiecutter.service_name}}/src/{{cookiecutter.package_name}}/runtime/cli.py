@@ -7,6 +7,7 @@ import asyncio
 import json
 import sys
 from collections.abc import Sequence
+from importlib.metadata import version
 
 from google.protobuf import json_format
 
@@ -27,6 +28,7 @@ def _parser() -> argparse.ArgumentParser:
         prog=SERVICE_NAME,
         description=f"Settings come from {ENV_PREFIX}* environment variables.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version(SERVICE_NAME)}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("run", help="consume and handle events until SIGTERM")
     health = commands.add_parser("healthcheck", help="exit 0 if the loop is healthy, else 1")
