@@ -178,9 +178,10 @@ class JournalingBroker(Broker):
     async def fetch(self, max_messages: int, max_wait_s: float) -> list[InboundMessage]:
         return await self.inner.fetch(max_messages, max_wait_s)
 
-    async def publish(self, messages: Sequence[OutboundMessage]) -> None:
-        await self.inner.publish(messages)
+    async def publish(self, messages: Sequence[OutboundMessage]) -> Sequence[OutboundMessage]:
+        unrouted = await self.inner.publish(messages)
         self.journal.append("confirmed")
+        return unrouted
 
     async def ack(self, messages: Sequence[InboundMessage]) -> None:
         self.journal.append("ack")

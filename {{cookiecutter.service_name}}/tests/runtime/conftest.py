@@ -50,9 +50,10 @@ class JournalingBroker(MemoryBroker):
         super().__init__(bus, group)
         self.journal = journal
 
-    async def publish(self, messages: Any) -> None:
-        await super().publish(messages)
+    async def publish(self, messages: Any) -> Any:
+        unrouted = await super().publish(messages)
         self.journal.entries.append(f"publish:{len(messages)}")
+        return unrouted
 
     async def ack(self, messages: Any) -> None:
         self.journal.entries.append(f"ack:{len(messages)}")
