@@ -18,7 +18,7 @@ from google.protobuf.message import Message
 
 from .app import build_loop, event_registry
 from .brokers.base import DLQ_ERROR, DLQ_REASON, OutboundMessage, event_message
-from .brokers.memory import MemoryBroker, MemoryBus
+from .brokers.memory import MemoryBroker, MemoryBus, memory_limits
 from .config import Settings
 from .envelope import CloudEventsProtobufCodec, Envelope, event_type_of, new_event_id, now
 from .loop import LoopStats
@@ -112,7 +112,9 @@ class ServiceHarness:
         loop = build_loop(
             self.settings,
             self.router,
-            broker=MemoryBroker(self.bus, self.group),
+            broker=MemoryBroker(
+                self.bus, self.group, limits=memory_limits(self.settings.max_message_bytes)
+            ),
             state=self.state,
         )
         stop = asyncio.Event()

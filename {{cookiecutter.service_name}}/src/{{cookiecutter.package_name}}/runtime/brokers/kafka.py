@@ -135,6 +135,7 @@ class _Offsets:
 
 class KafkaBroker(Broker):
     exclusive_streams = True
+    limits: PublishLimits
 
     def __init__(self, settings: Settings, kafka: KafkaSettings) -> None:
         self.settings = settings

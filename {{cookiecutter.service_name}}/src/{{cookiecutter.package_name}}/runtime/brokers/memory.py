@@ -91,6 +91,12 @@ class MemoryBus:
 _BUSES: dict[str, MemoryBus] = {}
 
 
+def memory_limits(max_message_bytes: int) -> PublishLimits:
+    """What the memory bus takes when it stands in for a real one: events up to
+    MAX_MESSAGE_BYTES, with the key and headers any bus takes; dead letters whole."""
+    return PublishLimits(body=max_message_bytes, parked_body=sys.maxsize)
+
+
 def bus_for_url(url: str) -> MemoryBus:
     """`memory://` is the process-wide default bus; `memory://name` a named one."""
     name = urlsplit(url).netloc
