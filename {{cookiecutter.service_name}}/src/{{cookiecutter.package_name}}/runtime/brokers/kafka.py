@@ -304,7 +304,9 @@ class KafkaBroker(Broker):
         except KafkaError as error:
             raise BrokerUnavailable(f"kafka publish failed: {error!r}") from error
         for (index, _), outcome in zip(sent, outcomes, strict=True):
-            if isinstance(outcome, REFUSED):  # a broker's (or topic's) size limit
+            # A broker's (or topic's) size limit. A record that large (over the 16 KiB
+            # batch size) travels alone in its batch: the refusal is about it only.
+            if isinstance(outcome, REFUSED):
                 refused[index] = _refusal(outcome)
             elif isinstance(outcome, KafkaError):
                 raise BrokerUnavailable(f"kafka publish failed: {outcome!r}") from outcome
