@@ -129,7 +129,7 @@ class PublishLimits:
     headers: int = MAX_HEADER_BYTES
     topic: int = MAX_TOPIC_BYTES
     # The largest dead-letter body, where the bus takes more than `body` (RabbitMQ
-    # parks the bytes it delivered whole); None: `body`.
+    # parks the bytes it delivered whole); None: `body`. Never less than `body`.
     parked_body: int | None = None
 
     def body_limit(self, message: OutboundMessage) -> int:
@@ -149,9 +149,21 @@ class PublishLimits:
         return None
 
     def refused(self, messages: Sequence[OutboundMessage]) -> dict[int, str]:
-        """The index of each message the bus can never take, and why."""
+        """The index of each message the bus can never take, and why. Counted in
+        characters first (at most 4 bytes each, no encoding): exactly only when that
+        bound does not settle it, which for usual events it does."""
         found = {}
+        body, key, headers, topic = self.body, self.key // 4, self.headers, self.topic // 4
         for index, message in enumerate(messages):
+            copied = message.headers
+            if (
+                len(message.body) <= body  # a dead letter may be larger (`parked_body`)
+                and len(message.key) <= key
+                and len(message.topic) <= topic
+                and (sum(map(len, copied)) + sum(map(len, copied.values()))) * 4 + 6 * len(copied)
+                <= headers
+            ):
+                continue
             if (why := self.refusal(message)) is not None:
                 found[index] = why
         return found
