@@ -147,7 +147,7 @@ async def test_a_test_leaves_no_queues_behind(real_backend: Backend) -> None:
     """What the fixture does after every test: the queues the test declared are deleted."""
     settings = real_backend.settings()
     await real_backend.broker(settings).start([settings.topic_for("left-behind")])
-    made = [settings.consumer_group, settings.dead_letter_queue]
+    made = [settings.consumer_group, settings.dead_letter_queue, settings.unrouted_queue]
     assert await existing_queues(real_backend.url, made) == made
     await real_backend.close()
     assert await existing_queues(real_backend.url, made) == []
