@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import importlib
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -28,7 +30,11 @@ from {{ cookiecutter.package_name }}.runtime.brokers import (
     InboundMessage,
     open_broker,
 )
-from {{ cookiecutter.package_name }}.runtime.brokers.memory import MemoryBroker, MemoryBus
+from {{ cookiecutter.package_name }}.runtime.brokers.memory import (
+    MemoryBroker,
+    MemoryBus,
+    memory_limits,
+)
 from {{ cookiecutter.package_name }}.runtime.config import (
     ENV_PREFIX,
     PACKAGE_NAME,
@@ -79,7 +85,9 @@ class Backend:
 
     def broker(self, settings: Settings) -> Broker:
         broker: Broker = (
-            MemoryBroker(self.bus, settings.consumer_group)
+            MemoryBroker(
+                self.bus, settings.consumer_group, limits=memory_limits(settings.max_message_bytes)
+            )
             if self.support is None
             else open_broker(settings)
         )
@@ -147,6 +155,25 @@ async def real_backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]
     chosen = make_backend(request.param)
     yield chosen
     await chosen.close()
+
+
+def run_cli(settings: Settings, *args: str, **variables: str) -> subprocess.CompletedProcess[str]:
+    """The service's command line, as an operator runs it, against the bus of `settings`."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith(ENV_PREFIX)}
+    given = {
+        "BROKER_URL": settings.broker_url,
+        "TOPIC_PREFIX": settings.topic_prefix,
+        "CONSUMER_GROUP": settings.consumer_group,
+        **variables,
+    }
+    env.update({ENV_PREFIX + name: value for name, value in given.items()})
+    return subprocess.run(
+        [sys.executable, "-m", PACKAGE_NAME, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 async def fetch_at_least(

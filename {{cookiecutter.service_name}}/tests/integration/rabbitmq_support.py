@@ -43,18 +43,22 @@ async def read_dead_letters(
 
 
 async def remove_test_resources(url: str, used: Sequence[Settings]) -> None:
-    """Delete the queues and dead-letter exchanges a test declared (each named after a
-    consumer group of that test's own), so that a shared development broker does not
+    """Delete the queues and the dead-letter and unrouted exchanges a test declared (each
+    named after a consumer group of that test's own), so that a shared development broker does not
     collect them run after run. The shared topic exchange stays."""
-    groups = {settings.consumer_group: settings.dead_letter_queue for settings in used}
+    groups = {
+        settings.consumer_group: (settings.dead_letter_queue, settings.unrouted_queue)
+        for settings in used
+    }
     if not groups:
         return
     connection = await aio_pika.connect(url)
     try:
         channel = await connection.channel()
-        for queue, dead_letters in groups.items():
+        for queue, parking in groups.items():
             await channel.queue_delete(queue)
-            await channel.queue_delete(dead_letters)
-            await channel.exchange_delete(dead_letters)
+            for name in parking:
+                await channel.queue_delete(name)
+                await channel.exchange_delete(name)
     finally:
         await connection.close()

@@ -4,22 +4,28 @@ service was generated for (see conftest.py for addresses). Template-owned; do no
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from google.protobuf.wrappers_pb2 import Int64Value, StringValue
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from {{ cookiecutter.package_name }}.runtime import Context, Router
-from {{ cookiecutter.package_name }}.runtime.app import build_loop
+from {{ cookiecutter.package_name }}.runtime.app import build_loop, event_registry
 from {{ cookiecutter.package_name }}.runtime.brokers.base import (
+    CONTENT_TYPE_HEADER,
+    DLQ_ORIGINAL_SIZE,
     DLQ_REASON,
+    DLQ_TRUNCATED,
     Broker,
     InboundMessage,
     OutboundMessage,
 )
 from {{ cookiecutter.package_name }}.runtime.config import Settings
 from {{ cookiecutter.package_name }}.runtime.envelope import (
+    CONTENT_TYPE,
     CloudEventsProtobufCodec,
     Envelope,
     TypeRegistry,
@@ -28,8 +34,8 @@ from {{ cookiecutter.package_name }}.runtime.envelope import (
 from {{ cookiecutter.package_name }}.runtime.loop import ConsumerLoop
 from {{ cookiecutter.package_name }}.runtime.state.memory import MemoryStateStore
 
-from ..runtime.conftest import RunningLoop, one_span
-from .conftest import Backend, fetch_at_least, fetch_for, wait_until
+from ..runtime.conftest import RecordingHeartbeat, RunningLoop, one_span
+from .conftest import Backend, fetch_at_least, fetch_for, run_cli, wait_until
 
 CODEC = CloudEventsProtobufCodec(TypeRegistry([StringValue, Int64Value]))
 STRING_TYPE = "google.protobuf.StringValue"
@@ -178,9 +184,10 @@ class JournalingBroker(Broker):
     async def fetch(self, max_messages: int, max_wait_s: float) -> list[InboundMessage]:
         return await self.inner.fetch(max_messages, max_wait_s)
 
-    async def publish(self, messages: Sequence[OutboundMessage]) -> None:
-        await self.inner.publish(messages)
+    async def publish(self, messages: Sequence[OutboundMessage]) -> Sequence[OutboundMessage]:
+        unrouted = await self.inner.publish(messages)
         self.journal.append("confirmed")
+        return unrouted
 
     async def ack(self, messages: Sequence[InboundMessage]) -> None:
         self.journal.append("ack")
@@ -220,6 +227,7 @@ async def test_emitted_events_are_confirmed_before_the_source_is_acked(backend: 
     assert journal == ["confirmed", "ack"]
     [emitted] = await fetch_at_least(observer, 1)
     assert CODEC.decode(emitted.body).payload == Int64Value(value=3)
+    assert emitted.headers[CONTENT_TYPE_HEADER] == CONTENT_TYPE
 
 
 async def test_events_of_one_key_are_handled_in_order(backend: Backend) -> None:
@@ -386,3 +394,119 @@ async def test_a_trace_crosses_the_bus_from_one_service_to_the_next(
     assert consume_b.parent is not None and consume_b.parent.span_id == produce_a.context.span_id
     assert consume_b.attributes is not None
     assert consume_b.attributes["messaging.system"] == backend.name
+
+
+async def test_emit_from_the_command_line_sends_the_cloudevents_content_type(
+    real_backend: Backend,
+) -> None:
+    """`emit` builds its message as the loop does (one conversion): the structured-mode
+    content type arrives (Kafka: a header; RabbitMQ: the content-type property)."""
+    settings = real_backend.settings()
+    event_type = event_registry().names()[0]
+    consumer = real_backend.broker(settings)
+    await consumer.start([settings.topic_for(event_type)])
+    emitted = run_cli(settings, "emit", event_type, "{}", "--key", "k-1", "--id", "e-1")
+    assert emitted.returncode == 0, emitted.stderr
+    [message] = await fetch_at_least(consumer, 1)
+    assert message.headers[CONTENT_TYPE_HEADER] == CONTENT_TYPE
+    assert message.key == "k-1"
+    await consumer.ack([message])
+    assert json.loads(emitted.stdout)["routed"] is True
+
+
+def heartbeat_loop(
+    backend: Backend, settings: Settings, router: Router, tmp_path: Path
+) -> tuple[ConsumerLoop, RecordingHeartbeat]:
+    heartbeat = RecordingHeartbeat(tmp_path / "heartbeat")
+    loop = build_loop(
+        settings, router, broker=backend.broker(settings), state=new_state(), heartbeat=heartbeat
+    )
+    return loop, heartbeat
+
+
+async def test_an_oversized_input_is_parked_and_the_loop_moves_on(
+    backend: Backend, tmp_path: Path
+) -> None:
+    """A 1.2 MB event (MAX_MESSAGE_BYTES is 1 MiB) is parked as `oversized`: whole where
+    the bus takes it back (RabbitMQ, memory), else cut to fit with its original size
+    (Kafka); the loop goes on and never reports the bus as down meanwhile."""
+    settings = backend.settings()
+    handled: list[str] = []
+    router = Router()
+
+    @router.handles(StringValue)
+    async def handle(payload: StringValue, ctx: Context) -> None:
+        handled.append(payload.value)
+
+    loop, heartbeat = heartbeat_loop(backend, settings, router, tmp_path)
+    running = RunningLoop(loop)
+    await running.wait_started()
+    topic = settings.topic_for(STRING_TYPE)
+    big = event("x" * 1_200_000)
+    producer = backend.settings(max_message_bytes=4 * 1024 * 1024)  # another service's limit
+    await publish(backend, producer, [OutboundMessage(topic, big)])
+    await publish(backend, settings, [OutboundMessage(topic, event("after"))])
+    await running.wait_until(lambda: loop.stats.acked >= 2, deadline_s=60)
+    await running.stop_gracefully()
+
+    assert handled == ["after"]
+    [(body, headers)] = await backend.dead_letters(settings, topic, 1)
+    assert headers[DLQ_REASON] == "oversized"
+    assert big.startswith(body)
+    if backend.name == "kafka":  # its producer takes MAX_MESSAGE_BYTES and a little more
+        assert len(body) == settings.max_message_bytes
+    if len(body) < len(big):
+        assert headers[DLQ_ORIGINAL_SIZE] == str(len(big))
+        assert headers[DLQ_TRUNCATED] == "body"
+    assert False not in heartbeat.readiness
+
+
+async def test_an_event_the_bus_can_never_take_dead_letters_its_source(
+    backend: Backend, tmp_path: Path
+) -> None:
+    """An emitted event too large for the bus, or with a key too long for it (RabbitMQ
+    carries the key in a header: 200 kB of it is a frame the broker refuses by closing
+    the connection), parks the event it was emitted for; the loop goes on."""
+    settings = backend.settings()
+    router = Router()
+
+    @router.handles(StringValue)
+    async def handle(payload: StringValue, ctx: Context) -> None:
+        if payload.value == "big":
+            ctx.emit(StringValue(value="y" * (settings.max_message_bytes + 1)))
+            ctx.emit(Int64Value(value=0))  # dropped with its sibling: all or nothing
+        elif payload.value == "long-key":
+            ctx.emit(Int64Value(value=1), key="k" * 200_000)
+        else:
+            ctx.emit(Int64Value(value=2), key="fine")
+
+    observer_settings = settings.model_copy(
+        update={"consumer_group": settings.consumer_group + "-observer"}
+    )
+    observer = backend.broker(observer_settings)
+    await observer.start([settings.topic_for(INT_TYPE)])
+    loop, heartbeat = heartbeat_loop(backend, settings, router, tmp_path)
+    running = RunningLoop(loop)
+    await running.wait_started()
+    topic = settings.topic_for(STRING_TYPE)
+    await publish(
+        backend,
+        settings,
+        [OutboundMessage(topic, event(value)) for value in ("big", "long-key", "fine")],
+    )
+    await running.wait_until(lambda: loop.stats.acked >= 3, deadline_s=60)
+    stats = await running.stop_gracefully()
+
+    parked = await backend.dead_letters(settings, topic, 2)
+    sources = [CODEC.decode(body).payload for body, _ in parked]
+    assert sorted(source.value for source in sources if isinstance(source, StringValue)) == [
+        "big",
+        "long-key",
+    ]
+    assert {headers[DLQ_REASON] for _, headers in parked} == {"emit-unpublishable"}
+    assert (stats.handled, stats.emitted, stats.dead_lettered["emit-unpublishable"]) == (1, 1, 2)
+    [emitted] = await fetch_at_least(observer, 1)
+    assert CODEC.decode(emitted.body).payload == Int64Value(value=2)
+    assert await fetch_for(observer, 1.0) == []
+    await observer.ack([emitted])
+    assert False not in heartbeat.readiness

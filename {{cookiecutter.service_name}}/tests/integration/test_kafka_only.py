@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import pytest
 from aiokafka.partitioner import DefaultPartitioner
+from google.protobuf.wrappers_pb2 import Int64Value, StringValue
 
+from {{ cookiecutter.package_name }} import SERVICE_NAME
+from {{ cookiecutter.package_name }}.runtime import Context, Router
+from {{ cookiecutter.package_name }}.runtime.app import build_loop, event_registry
 from {{ cookiecutter.package_name }}.runtime.brokers.base import OutboundMessage
+from {{ cookiecutter.package_name }}.runtime.config import ENV_PREFIX
+from {{ cookiecutter.package_name }}.runtime.errors import ConfigError
 
-from .conftest import Backend, fetch_at_least
+from ..runtime.conftest import RunningLoop
+from .conftest import Backend, fetch_at_least, run_cli
 from .kafka_support import admin_client
-from .test_conformance import publish
+from .test_conformance import INT_TYPE, STRING_TYPE, event, new_state, publish
 
 
 async def test_keyed_messages_land_on_the_murmur2_partition(real_backend: Backend) -> None:
@@ -42,3 +50,58 @@ async def test_a_test_leaves_no_topics_behind(real_backend: Backend) -> None:
     assert await topics_under(real_backend.url, settings.topic_prefix) == sorted(made)
     await real_backend.close()
     assert await topics_under(real_backend.url, settings.topic_prefix) == []
+
+
+async def partition_counts(url: str, topics: list[str]) -> dict[str, int]:
+    async with admin_client(url) as admin:
+        described = await admin.describe_topics(topics)
+    return {topic["topic"]: len(topic["partitions"]) for topic in described}
+
+
+async def test_topics_of_emitted_events_get_the_configured_partitions(
+    real_backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loop's follow-up events and `emit`'s: their topics are created before the first
+    publish with KAFKA_TOPIC_PARTITIONS, not left to the broker's auto-create."""
+    monkeypatch.setenv(f"{ENV_PREFIX}KAFKA_TOPIC_PARTITIONS", "2")
+    settings = real_backend.settings()
+    router = Router()
+
+    @router.handles(StringValue)
+    async def handle(payload: StringValue, ctx: Context) -> None:
+        ctx.emit(Int64Value(value=7))
+
+    loop = build_loop(settings, router, broker=real_backend.broker(settings), state=new_state())
+    running = RunningLoop(loop)
+    await running.wait_started()
+    await publish(
+        real_backend, settings, [OutboundMessage(settings.topic_for(STRING_TYPE), event("x"))]
+    )
+    await running.wait_until(lambda: loop.stats.acked >= 1, deadline_s=60)
+    await running.stop_gracefully()
+    event_type = event_registry().names()[0]
+    emitted = run_cli(settings, "emit", event_type, "{}", KAFKA_TOPIC_PARTITIONS="2")
+    assert emitted.returncode == 0, emitted.stderr
+
+    created = [settings.topic_for(INT_TYPE), settings.topic_for(event_type)]
+    assert await partition_counts(real_backend.url, created) == dict.fromkeys(created, 2)
+
+
+async def test_without_topic_creation_a_missing_topic_is_one_line(
+    real_backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """KAFKA_CREATE_TOPICS off: a consumed topic that does not exist stops the start, an
+    emitted one fails `emit` (the loop waits for it, not ready), each in one line."""
+    monkeypatch.setenv(f"{ENV_PREFIX}KAFKA_CREATE_TOPICS", "false")
+    settings = real_backend.settings()
+    topic = settings.topic_for("missing")
+    with pytest.raises(ConfigError, match=f"KAFKA_CREATE_TOPICS is off: {topic}, {topic}.dlq"):
+        await real_backend.broker(settings).start([topic])
+
+    event_type = event_registry().names()[0]
+    emitted = run_cli(settings, "emit", event_type, "{}", KAFKA_CREATE_TOPICS="false")
+    assert emitted.returncode == 1
+    assert emitted.stderr.strip().splitlines() == [
+        f"{SERVICE_NAME}: error: not published: kafka: topic {settings.topic_for(event_type)} "
+        "does not exist and KAFKA_CREATE_TOPICS is off"
+    ]

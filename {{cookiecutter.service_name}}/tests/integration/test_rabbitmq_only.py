@@ -7,22 +7,30 @@ TEST_AMQPS_URL with TEST_AMQPS_CA_FILE, TEST_AMQPS_CERT_FILE and TEST_AMQPS_KEY_
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import aio_pika
 import pytest
+from aio_pika.abc import AbstractIncomingMessage
 from aio_pika.exceptions import ChannelNotFoundEntity
+from google.protobuf.wrappers_pb2 import Int64Value, StringValue
 
+from {{ cookiecutter.package_name }}.runtime import Context, Router
+from {{ cookiecutter.package_name }}.runtime.app import build_loop, event_registry
 from {{ cookiecutter.package_name }}.runtime.brokers.base import (
+    CONTENT_TYPE_HEADER,
     BrokerUnavailable,
     OutboundMessage,
 )
 from {{ cookiecutter.package_name }}.runtime.brokers.rabbitmq import RabbitMQBroker
+from {{ cookiecutter.package_name }}.runtime.envelope import CONTENT_TYPE
 from {{ cookiecutter.package_name }}.runtime.errors import ConfigError
 
-from .conftest import Backend, fetch_at_least, fetch_for
-from .test_conformance import publish
+from ..runtime.conftest import RunningLoop
+from .conftest import Backend, fetch_at_least, fetch_for, run_cli
+from .test_conformance import INT_TYPE, STRING_TYPE, event, new_state, publish
 from .tls_support import make_certificates
 
 TLS_VARIABLES = (
@@ -139,7 +147,99 @@ async def test_a_test_leaves_no_queues_behind(real_backend: Backend) -> None:
     """What the fixture does after every test: the queues the test declared are deleted."""
     settings = real_backend.settings()
     await real_backend.broker(settings).start([settings.topic_for("left-behind")])
-    made = [settings.consumer_group, settings.dead_letter_queue]
+    made = [settings.consumer_group, settings.dead_letter_queue, settings.unrouted_queue]
     assert await existing_queues(real_backend.url, made) == made
     await real_backend.close()
     assert await existing_queues(real_backend.url, made) == []
+
+
+async def queued(url: str, queue: str, count: int) -> list[AbstractIncomingMessage]:
+    """The first `count` messages in `queue`, left in it (read, then requeued)."""
+    connection = await aio_pika.connect(url)
+    try:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        found: list[AbstractIncomingMessage] = []
+        for _ in range(count):
+            message = await declared.get(no_ack=False, fail=False)
+            assert message is not None, f"{queue} holds {len(found)} messages, not {count}"
+            found.append(message)
+        for message in found:
+            await message.nack(requeue=True)
+    finally:
+        await connection.close()
+    return found
+
+
+async def test_events_no_queue_is_bound_for_are_parked_in_the_unrouted_queue(
+    real_backend: Backend,
+) -> None:
+    """Nothing consumes Int64Value: the loop's follow-up event and `emit`'s event end up
+    in the service's unrouted quorum queue, counted, and the source is acked only once
+    its event is there."""
+    settings = real_backend.settings()
+    router = Router()
+
+    @router.handles(StringValue)
+    async def handle(payload: StringValue, ctx: Context) -> None:
+        ctx.emit(Int64Value(value=7))
+
+    loop = build_loop(settings, router, broker=real_backend.broker(settings), state=new_state())
+    running = RunningLoop(loop)
+    await running.wait_started()
+    await publish(
+        real_backend, settings, [OutboundMessage(settings.topic_for(STRING_TYPE), event("x"))]
+    )
+    parked_when_acked: list[int] = []
+
+    def acked() -> bool:
+        if loop.stats.acked:
+            parked_when_acked.append(loop.stats.unrouted)
+        return bool(loop.stats.acked)
+
+    await running.wait_until(acked, deadline_s=30)
+    await running.stop_gracefully()
+    assert parked_when_acked == [1]
+    [parked] = await queued(real_backend.url, settings.unrouted_queue, 1)
+    assert parked.routing_key == settings.topic_for(INT_TYPE)  # kept for a later redrive
+    assert parked.content_type == CONTENT_TYPE
+
+    event_type = event_registry().names()[0]
+    emitted = run_cli(settings, "emit", event_type, "{}")
+    assert emitted.returncode == 0, emitted.stderr
+    assert json.loads(emitted.stdout)["routed"] is False
+    assert json.loads(emitted.stdout)["parked_in"] == f"queue {settings.unrouted_queue}"
+    assert f"no consumer is bound for {settings.topic_for(event_type)}" in emitted.stderr
+    assert len(await queued(real_backend.url, settings.unrouted_queue, 2)) == 2
+
+
+async def test_the_content_type_is_the_amqp_property_not_a_header(
+    real_backend: Backend,
+) -> None:
+    """CloudEvents AMQP binding (structured mode): for `emit`'s events and the loop's."""
+    settings = real_backend.settings()
+    router = Router()
+
+    @router.handles(StringValue)
+    async def handle(payload: StringValue, ctx: Context) -> None:
+        ctx.emit(Int64Value(value=7))
+
+    watcher = real_backend.broker(
+        settings.model_copy(update={"consumer_group": settings.consumer_group + "-watch"})
+    )
+    event_type = event_registry().names()[0]
+    await watcher.start([settings.topic_for(INT_TYPE), settings.topic_for(event_type)])
+    loop = build_loop(settings, router, broker=real_backend.broker(settings), state=new_state())
+    running = RunningLoop(loop)
+    await running.wait_started()
+    await publish(
+        real_backend, settings, [OutboundMessage(settings.topic_for(STRING_TYPE), event("x"))]
+    )
+    await running.wait_until(lambda: loop.stats.acked >= 1, deadline_s=30)
+    await running.stop_gracefully()
+    assert run_cli(settings, "emit", event_type, "{}").returncode == 0
+    for message in await fetch_at_least(watcher, 2):
+        delivery = message.handle
+        assert delivery.content_type == CONTENT_TYPE
+        assert CONTENT_TYPE_HEADER not in delivery.headers
+        assert message.headers[CONTENT_TYPE_HEADER] == CONTENT_TYPE  # as the loop sees it

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ from {{ cookiecutter.package_name }}.runtime.app import build_loop
 from {{ cookiecutter.package_name }}.runtime.brokers.base import InboundMessage
 from {{ cookiecutter.package_name }}.runtime.brokers.memory import MemoryBroker, MemoryBus
 from {{ cookiecutter.package_name }}.runtime.config import ENV_PREFIX, Settings
+from {{ cookiecutter.package_name }}.runtime.health import Heartbeat
 from {{ cookiecutter.package_name }}.runtime.loop import ConsumerLoop, LoopStats
 from {{ cookiecutter.package_name }}.runtime.router import Router
 from {{ cookiecutter.package_name }}.runtime.state.base import StateStore
@@ -50,9 +52,10 @@ class JournalingBroker(MemoryBroker):
         super().__init__(bus, group)
         self.journal = journal
 
-    async def publish(self, messages: Any) -> None:
-        await super().publish(messages)
+    async def publish(self, messages: Any) -> Any:
+        unrouted = await super().publish(messages)
         self.journal.entries.append(f"publish:{len(messages)}")
+        return unrouted
 
     async def ack(self, messages: Any) -> None:
         self.journal.entries.append(f"ack:{len(messages)}")
@@ -78,6 +81,18 @@ class GatedBroker(MemoryBroker):
         if self.hang_acks:
             await asyncio.Event().wait()  # killed here: handled and recorded, never acked
         await super().ack(messages)
+
+
+class RecordingHeartbeat(Heartbeat):
+    """Remembers every readiness the loop reported."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.readiness: list[bool] = []
+
+    def beat(self, *, ready: bool) -> None:
+        self.readiness.append(ready)
+        super().beat(ready=ready)
 
 
 class RunningLoop:

@@ -105,7 +105,16 @@ def test_emit_publishes_an_event_built_from_json(env: dict[str, str]) -> None:
     event_type = event_registry().names()[0]
     result = cli(env, "emit", event_type, "{}", "--key", "k-1", "--id", "e-1")
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout) == {"id": "e-1", "type": event_type, "key": "k-1"}
+    # The memory bus of a process of its own: no consumer is bound there.
+    assert json.loads(result.stdout) == {
+        "id": "e-1",
+        "type": event_type,
+        "key": "k-1",
+        "topic": event_type,
+        "routed": False,
+        "parked_in": "memory bus",
+    }
+    assert f"no consumer is bound for {event_type}" in result.stderr
     from_stdin = cli(env, "emit", event_type, stdin="{}")
     assert from_stdin.returncode == 0, from_stdin.stderr
 

@@ -14,13 +14,17 @@ from google.protobuf import json_format
 from .. import SERVICE_NAME
 from .app import build_loop, event_registry, run_until_signalled, tune_garbage_collection
 from .brokers import open_broker
-from .brokers.base import OutboundMessage
+from .brokers.base import BrokerUnavailable, Unpublishable, event_message
 from .config import ENV_PREFIX, Settings, load_settings, reference
 from .envelope import CloudEventsProtobufCodec, Envelope, new_event_id, now
 from .errors import ConfigError
 from .health import Heartbeat, check
 from .logs import configure_logging
 from .telemetry import configure_telemetry, shutdown_telemetry
+
+
+class CommandFailed(Exception):
+    """A command could not do its job (the bus is down, refused the event); one line."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,10 +71,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             return _demo(settings)
         return _run(settings)
-    except ConfigError as error:
+    except (ConfigError, CommandFailed) as error:
         one_line = " ".join(str(error).split())
         print(f"{SERVICE_NAME}: error: {one_line}", file=sys.stderr)
-        return 2
+        return 2 if isinstance(error, ConfigError) else 1
     except KeyboardInterrupt:
         return 130
 
@@ -120,15 +124,28 @@ async def _emit(
         subject=key,
         time=now(),
     )
-    codec = CloudEventsProtobufCodec(registry)
+    topic = settings.topic_for(type_name)
+    message = event_message(CloudEventsProtobufCodec(registry), envelope, topic)
     broker = open_broker(settings)
-    await broker.start([])
     try:
-        topic = settings.topic_for(type_name)
-        await broker.publish([OutboundMessage(topic, codec.encode(envelope), key)])
+        await broker.start([])
+        unrouted = await broker.publish([message])
+    except BrokerUnavailable as error:
+        raise CommandFailed(f"not published: {error}") from None
+    except Unpublishable as error:
+        raise CommandFailed(f"not published, the bus refuses it: {error.refused[0]}") from None
     finally:
         await broker.close()
-    print(json.dumps({"id": envelope.id, "type": type_name, "key": key}))
+    # Where it went: a bus that routes (RabbitMQ) may have had no consumer bound for it.
+    where: dict[str, object] = {"topic": topic, "routed": not unrouted}
+    if unrouted:
+        where["parked_in"] = broker.unrouted_destination
+        print(
+            f"{SERVICE_NAME}: warning: no consumer is bound for {topic}; "
+            f"the event was parked in {broker.unrouted_destination}",
+            file=sys.stderr,
+        )
+    print(json.dumps({"id": envelope.id, "type": type_name, "key": key, **where}))
     return 0
 
 

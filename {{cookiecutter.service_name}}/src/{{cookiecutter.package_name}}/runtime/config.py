@@ -114,6 +114,12 @@ class Settings(BaseSettings):
         """RabbitMQ: the dead-letter exchange and queue of this service."""
         return f"{self.consumer_group}.dlq"
 
+    @property
+    def unrouted_queue(self) -> str:
+        """RabbitMQ: the exchange and queue of this service's emitted events that no
+        queue was bound for."""
+        return f"{self.consumer_group}.unrouted"
+
     def topic_for(self, event_type: str) -> str:
         """The topic (Kafka) or routing key (RabbitMQ) events of `event_type` travel on."""
         return self.topic_prefix + event_type

@@ -49,12 +49,16 @@ from tenacity import (
 
 from . import telemetry
 from .brokers.base import (
+    DLQ_TRUNCATED,
     Broker,
     BrokerUnavailable,
     DeadLetterRecord,
     InboundMessage,
     OutboundMessage,
+    PublishLimits,
+    Unpublishable,
     dead_letter_message,
+    event_message,
 )
 from .config import Settings
 from .dedupe import DedupeWindow, digest
@@ -66,7 +70,6 @@ from .router import Context, Emitted, HandlerSpec, Router
 from .spans import ConsumerSpans
 from .state.base import Fenced, KeyState, StateStore, StateUnavailable
 
-CONTENT_TYPE_HEADER = "content-type"
 MAX_STATE_BYTES = 64 * 1024  # per key: state travels in every checkpoint that changes it
 STATE_CACHE_KEYS = 10_000  # per exclusive stream; older keys are read again when needed
 LAG_INTERVAL_S = 5.0  # how often the bus is asked for consumer lag
@@ -84,6 +87,7 @@ class LoopStats:
     duplicates: int = 0
     retries: int = 0
     emitted: int = 0
+    unrouted: int = 0  # emitted events no consumer was bound for (parked, see the broker)
     acked: int = 0
     batches: int = 0
     shared_lookups: int = 0
@@ -146,6 +150,7 @@ class _Batch:
 
     outbound: list[OutboundMessage] = field(default_factory=list)
     dead: list[DeadLetterRecord] = field(default_factory=list)
+    unrouted: Sequence[OutboundMessage] = ()  # emitted events the bus parked as unroutable
     processed: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))  # ids
     digests: dict[str, list[bytes]] = field(default_factory=lambda: defaultdict(list))
     recorded_at: float = 0.0  # when the batch's ids count as handled
@@ -427,13 +432,74 @@ class ConsumerLoop:
         self._last_write_at = clock()
         batch, result = group.messages, group.result
         if result.outbound:
-            await self._until_done("publish", lambda: self.broker.publish(result.outbound))
+            await self._publish(result)
         if result.processed or result.states or result.progress:
             started = time.perf_counter()
             await self._until_done("checkpoint", lambda: self._commit(result))
             self.metrics.checkpoint_duration.record(time.perf_counter() - started)
         await self._until_done("ack", lambda: self.broker.ack(batch))
         self._after_ack(len(batch), result)
+
+    async def _publish(self, result: _Batch) -> None:
+        """Publish the group's events and dead letters; wait while the bus is unavailable.
+        A message the bus can never take is not retried: it is replaced (see
+        `_replace_refused`) and the rest published again, so it cannot stall the loop."""
+        while True:
+            try:
+                publish = partial(self.broker.publish, result.outbound)
+                result.unrouted = await self._until_done("publish", publish)
+                return
+            except Unpublishable as refused:
+                result.outbound = self._replace_refused(result, refused.refused)
+
+    def _replace_refused(self, result: _Batch, refused: Mapping[int, str]) -> list[OutboundMessage]:
+        """What to publish instead of the messages the bus refused for good. A dead letter
+        is cut to fit (smaller again if the bus still refuses it). An emitted event
+        dead-letters the event it was emitted for, whose other emitted events are dropped
+        (the handler's other effects, its key state included, stand)."""
+        outbound = result.outbound
+        limits = self.broker.limits or PublishLimits(self.settings.max_message_bytes)
+        cut: dict[int, OutboundMessage | None] = {}
+        sources: dict[int, InboundMessage] = {}  # by id(): events whose emits are refused
+        parked = []
+        for index, why in refused.items():
+            message, source = outbound[index], outbound[index].origin
+            if message.dead_letter:
+                cut[index] = _cut_to_fit(message, limits)
+                self._log_cut(message, cut[index], why)
+                continue
+            assert source is not None, "the loop's events carry the event they answer"
+            if id(source) not in sources:
+                sources[id(source)] = source
+                record = DeadLetterRecord(
+                    source, "emit-unpublishable", f"event for {message.topic}: {why}"
+                )
+                result.dead.append(record)
+                result.handled -= 1
+                topic = self.settings.dead_letter_topic_for(source.topic)
+                parked.append(dead_letter_message(record, topic, self.settings.consumer_group))
+        kept = []
+        for index, message in enumerate(outbound):
+            if index in cut:
+                if (replacement := cut[index]) is not None:
+                    kept.append(replacement)
+            elif message.dead_letter or id(message.origin) not in sources:
+                kept.append(message)
+            else:
+                result.emitted -= 1  # emitted for an event now dead-lettered
+        return kept + parked
+
+    def _log_cut(self, message: OutboundMessage, cut: OutboundMessage | None, why: str) -> None:
+        origin = message.origin
+        where = origin and f"{origin.topic}|{origin.stream}|{origin.position}"
+        if cut is None:
+            self.log.error(
+                "dead letter dropped: the bus refuses even its headers", why=why, origin=where
+            )
+        else:
+            self.log.warning(
+                "dead letter cut to fit the bus", why=why, origin=where, size=len(message.body)
+            )
 
     def _after_ack(self, acked: int, result: _Batch) -> None:
         """The batch is durable and acked: count it, report what was parked."""
@@ -447,6 +513,8 @@ class ConsumerLoop:
         for stream, progress in result.progress.items():
             if stream in self._progress:  # still ours (a rebalance may have taken it)
                 self._progress[stream] = progress
+        if result.unrouted:
+            self._report_unrouted(result.unrouted)
         for record in result.dead:
             self.stats.dead_lettered[record.reason] += 1
             self.metrics.dead_lettered.add(1, {"reason": record.reason})
@@ -457,6 +525,16 @@ class ConsumerLoop:
                 stream=record.message.stream,
                 position=record.message.position,
             )
+
+    def _report_unrouted(self, unrouted: Sequence[OutboundMessage]) -> None:
+        """Emitted events no consumer is bound for: counted, logged once per group."""
+        self.stats.unrouted += len(unrouted)
+        self.metrics.unrouted.add(len(unrouted))
+        self.log.warning(
+            "emitted events no consumer is bound for; parked",
+            parked_in=self.broker.unrouted_destination,
+            topics=dict(Counter(message.topic for message in unrouted)),
+        )
 
     def _sort(
         self, batch: Sequence[InboundMessage], result: _Batch
@@ -792,9 +870,13 @@ class ConsumerLoop:
 
     def _collect_emitted(self, item: _Work, emitted: Sequence[Emitted], result: _Batch) -> None:
         result.emitted += len(emitted)
-        result.outbound.extend(self._to_outbound(item.envelope, event) for event in emitted)
+        result.outbound.extend(
+            self._to_outbound(item.envelope, event, item.message) for event in emitted
+        )
 
-    def _to_outbound(self, parent: Envelope, emitted: Emitted) -> OutboundMessage:
+    def _to_outbound(
+        self, parent: Envelope, emitted: Emitted, origin: InboundMessage
+    ) -> OutboundMessage:
         event_type = event_type_of(emitted.message)
         envelope = Envelope(
             id=derive_event_id(parent.id, emitted.position),
@@ -808,12 +890,8 @@ class ConsumerLoop:
                 "correlationid": parent.extensions.get("correlationid", parent.id),
             },
         )
-        return OutboundMessage(
-            topic=self.settings.topic_for(event_type),
-            body=self.codec.encode(envelope),
-            key=emitted.key,
-            headers={CONTENT_TYPE_HEADER: self.codec.content_type, **emitted.headers},
-        )
+        topic = self.settings.topic_for(event_type)
+        return event_message(self.codec, envelope, topic, emitted.headers, origin)
 
     async def _restore(self, streams: set[str]) -> None:
         """First sight of a stream: fence earlier owners, load its dedupe records."""
@@ -933,6 +1011,16 @@ async def _finished_before(work: asyncio.Future[Any], stop: asyncio.Event) -> bo
     finally:
         stopping.cancel()
     return work.done()
+
+
+def _cut_to_fit(dead_letter: OutboundMessage, limits: PublishLimits) -> OutboundMessage | None:
+    """A refused dead letter cut to `limits`; one cut before and refused again (a bus
+    taking less than it says) loses half its body each time, then is given up."""
+    if DLQ_TRUNCATED not in dead_letter.headers:
+        return limits.fit(dead_letter)
+    if dead_letter.body:
+        return limits.fit(dead_letter, body=len(dead_letter.body) // 2)
+    return None
 
 
 def _is_transient(error: BaseException) -> bool:

@@ -203,6 +203,10 @@ class LoopMetrics:
             "events.dead_lettered", description="Events parked, by reason"
         )
         self.emitted = meter.create_counter("events.emitted", description="Events emitted")
+        self.unrouted = meter.create_counter(
+            "events.unrouted",
+            description="Emitted events no consumer was bound for, parked by the bus",
+        )
         self.handler_duration = meter.create_histogram(
             "handler.duration", unit="s", description="Handler run time, per attempt"
         )

@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 from google.protobuf.message import Message
 
 from .app import build_loop, event_registry
-from .brokers.base import DLQ_ERROR, DLQ_REASON, OutboundMessage
-from .brokers.memory import MemoryBroker, MemoryBus
+from .brokers.base import DLQ_ERROR, DLQ_REASON, OutboundMessage, event_message
+from .brokers.memory import MemoryBroker, MemoryBus, memory_limits
 from .config import Settings
 from .envelope import CloudEventsProtobufCodec, Envelope, event_type_of, new_event_id, now
 from .loop import LoopStats
@@ -94,14 +94,16 @@ class ServiceHarness:
             time=now(),
         )
         topic = topic or self.settings.topic_for(event_type_of(message))
-        self.publish_raw(self.codec.encode(envelope), topic, key=key, headers=headers)
+        self._put(event_message(self.codec, envelope, topic, headers or {}))
         return envelope.id
 
     def publish_raw(
         self, body: bytes, topic: str, *, key: str = "", headers: dict[str, str] | None = None
     ) -> None:
         """Publish arbitrary bytes (poison messages, foreign formats) to `topic`."""
-        message = OutboundMessage(topic=topic, body=body, key=key, headers=headers or {})
+        self._put(OutboundMessage(topic=topic, body=body, key=key, headers=headers or {}))
+
+    def _put(self, message: OutboundMessage) -> None:
         self._published_by_test.add(id(message))
         self.bus.put(message)
 
@@ -110,7 +112,9 @@ class ServiceHarness:
         loop = build_loop(
             self.settings,
             self.router,
-            broker=MemoryBroker(self.bus, self.group),
+            broker=MemoryBroker(
+                self.bus, self.group, limits=memory_limits(self.settings.max_message_bytes)
+            ),
             state=self.state,
         )
         stop = asyncio.Event()

@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 from ..config import Settings
 from ..errors import ConfigError
 from .base import Broker, BrokerUnavailable, DeadLetterRecord, InboundMessage, OutboundMessage
-from .memory import MemoryBroker, MemoryBus, bus_for_url
+from .memory import MemoryBroker, MemoryBus, bus_for_url, memory_limits
 
 # scheme -> module in this package that defines `open_broker(settings) -> Broker`
 ADAPTER_MODULES = {"kafka": "kafka", "amqp": "rabbitmq", "amqps": "rabbitmq"}
@@ -28,7 +28,11 @@ __all__ = [
 def open_broker(settings: Settings) -> Broker:
     scheme = urlsplit(settings.broker_url).scheme
     if scheme == "memory":
-        return MemoryBroker(bus_for_url(settings.broker_url), settings.consumer_group)
+        return MemoryBroker(
+            bus_for_url(settings.broker_url),
+            settings.consumer_group,
+            limits=memory_limits(settings.max_message_bytes),
+        )
     module_name = ADAPTER_MODULES[scheme]
     try:
         module = importlib.import_module(f"{__name__}.{module_name}")

@@ -4,13 +4,18 @@ on revoke.
 Keys are partitioned with aiokafka's default partitioner, which is the Java client's
 murmur2 (toPositive(murmur2(key)) % partitions), so a key lands on the same partition
 whichever language produced it.
+
+With KAFKA_CREATE_TOPICS on, missing topics are created with KAFKA_TOPIC_PARTITIONS:
+consumed and dead-letter topics at start, the topic of an emitted event before the first
+publish to it. With it off, a missing consumed or dead-letter topic stops the start with
+one line, and a missing emitted topic holds publishing (not ready) until it exists.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from itertools import groupby, islice
 from operator import attrgetter
 from typing import Any, Literal
@@ -19,24 +24,46 @@ from urllib.parse import urlsplit
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.errors import (
+    CommitFailedError,
+    IllegalStateError,
+    InvalidTopicError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+)
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ..config import ENV_PREFIX, Settings, load_model
+from ..errors import ConfigError
 from ..logs import get_logger
 from .base import (
+    MAX_HEADER_BYTES,
+    MAX_KEY_BYTES,
     NO_HEADERS,
     Broker,
     BrokerUnavailable,
     InboundMessage,
     OutboundMessage,
+    PublishLimits,
+    Unpublishable,
     binary_headers,
     text_headers,
 )
 from .tls import tls_context
 
 log = get_logger(component="kafka")
+# Errors about one record that no retry can cure (the client's or a broker's size limit).
+REFUSED = (
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+    InvalidTopicError,
+)
+# A record's framing besides its key, value and headers (batch header, varints), with room.
+RECORD_OVERHEAD_BYTES = 1024
 
 
 class KafkaSettings(BaseSettings):
@@ -48,7 +75,9 @@ class KafkaSettings(BaseSettings):
     kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
     kafka_sasl_username: str | None = None
     kafka_sasl_password: str | None = None
-    kafka_create_topics: bool = Field(True, description="Create missing topics at start")
+    kafka_create_topics: bool = Field(
+        True, description="Create missing topics (consumed at start, emitted at first publish)"
+    )
     kafka_topic_partitions: int = Field(3, gt=0, description="Partitions of created topics")
     kafka_replication_factor: int = Field(1, gt=0, description="Replicas of created topics")
     kafka_session_timeout_ms: int = Field(10_000, gt=0, description="Group session timeout")
@@ -106,6 +135,7 @@ class _Offsets:
 
 class KafkaBroker(Broker):
     exclusive_streams = True
+    limits: PublishLimits
 
     def __init__(self, settings: Settings, kafka: KafkaSettings) -> None:
         self.settings = settings
@@ -118,6 +148,8 @@ class KafkaBroker(Broker):
         self._ahead_at = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self.limits = PublishLimits(body=settings.max_message_bytes)
+        self._ready_topics: set[str] = set()  # known to exist (or created)
 
     def _client_options(self) -> dict[str, Any]:
         kafka = self.kafka
@@ -137,12 +169,23 @@ class KafkaBroker(Broker):
 
     async def start(self, topics: Sequence[str]) -> None:
         options = self._client_options()
-        if self.kafka.kafka_create_topics:
-            dead_letter_topics = [self.settings.dead_letter_topic_for(t) for t in topics]
-            await self._create_missing_topics([*topics, *dead_letter_topics])
+        dead_letter_topics = [self.settings.dead_letter_topic_for(t) for t in topics]
+        missing = await self._prepare_topics([*topics, *dead_letter_topics])
+        if missing:
+            raise ConfigError(
+                f"Kafka topics missing and KAFKA_CREATE_TOPICS is off: {', '.join(missing)}"
+            )
         if self._producer is None:  # start() is retried after a failure: keep what started
             producer = AIOKafkaProducer(
-                **options, acks="all", enable_idempotence=False, linger_ms=2
+                **options,
+                acks="all",
+                enable_idempotence=False,
+                linger_ms=2,
+                # MAX_MESSAGE_BYTES of body, plus the key, headers and framing `limits` allow.
+                max_request_size=self.settings.max_message_bytes
+                + MAX_KEY_BYTES
+                + MAX_HEADER_BYTES
+                + RECORD_OVERHEAD_BYTES,
             )
             await _unavailable_on_error(producer.start())
             self._producer = producer
@@ -166,26 +209,36 @@ class KafkaBroker(Broker):
             raise
         self._consumer = consumer
 
-    async def _create_missing_topics(self, topics: Sequence[str]) -> None:
+    async def _prepare_topics(self, topics: Iterable[str]) -> list[str]:
+        """Create those of `topics` that do not exist (KAFKA_CREATE_TOPICS on); returns
+        those still missing (it off). Each topic is looked up once per process."""
+        wanted = set(topics) - self._ready_topics
+        if not wanted:
+            return []
         admin = AIOKafkaAdminClient(**self._client_options())
         await _unavailable_on_error(admin.start())
         try:
-            existing = set(await admin.list_topics())
-            missing = sorted(set(topics) - existing)
-            if missing:
-                await admin.create_topics(
-                    [
-                        NewTopic(
-                            topic,
-                            self.kafka.kafka_topic_partitions,
-                            self.kafka.kafka_replication_factor,
-                        )
-                        for topic in missing
-                    ]
+            missing = sorted(wanted - set(await _unavailable_on_error(admin.list_topics())))
+            if missing and self.kafka.kafka_create_topics:
+                # Another replica creating one at the same time is fine: it then exists.
+                await _unavailable_on_error(
+                    admin.create_topics(
+                        [
+                            NewTopic(
+                                topic,
+                                self.kafka.kafka_topic_partitions,
+                                self.kafka.kafka_replication_factor,
+                            )
+                            for topic in missing
+                        ]
+                    )
                 )
                 log.info("created topics", topics=missing)
+                missing = []
         finally:
             await admin.close()
+        self._ready_topics |= wanted.difference(missing)
+        return missing
 
     async def fetch(self, max_messages: int, max_wait_s: float) -> list[InboundMessage]:
         if self._ahead_at == len(self._ahead):
@@ -223,21 +276,45 @@ class KafkaBroker(Broker):
             )
         self._ahead, self._ahead_at = ahead, 0
 
-    async def publish(self, messages: Sequence[OutboundMessage]) -> None:
-        assert self._producer is not None, "publish needs start()"
+    async def publish(self, messages: Sequence[OutboundMessage]) -> Sequence[OutboundMessage]:
+        """Every topic keeps what is published to it: nothing is ever unrouted."""
+        producer = self._producer
+        assert producer is not None, "publish needs start()"
+        if refused := self.limits.refused(messages):
+            raise Unpublishable(refused)  # nothing sent
+        if missing := await self._prepare_topics({message.topic for message in messages}):
+            raise BrokerUnavailable(
+                f"kafka: topic {missing[0]} does not exist and KAFKA_CREATE_TOPICS is off"
+            )
+        sent = []
         try:
-            sent = [
-                await self._producer.send(
-                    message.topic,
-                    message.body,
-                    key=message.key.encode() if message.key else None,
-                    headers=binary_headers(message.headers),
-                )
-                for message in messages
-            ]
-            await asyncio.gather(*sent)
+            for index, message in enumerate(messages):
+                try:
+                    sending = await producer.send(
+                        message.topic,
+                        message.body,
+                        key=message.key.encode() if message.key else None,
+                        headers=binary_headers(message.headers),
+                    )
+                except REFUSED as error:  # the client's own size check
+                    refused[index] = _refusal(error)
+                else:
+                    sent.append((index, sending))
+            outcomes = await asyncio.gather(*(s for _, s in sent), return_exceptions=True)
         except KafkaError as error:
             raise BrokerUnavailable(f"kafka publish failed: {error!r}") from error
+        for (index, _), outcome in zip(sent, outcomes, strict=True):
+            # A broker's (or topic's) size limit. A record that large (over the 16 KiB
+            # batch size) travels alone in its batch: the refusal is about it only.
+            if isinstance(outcome, REFUSED):
+                refused[index] = _refusal(outcome)
+            elif isinstance(outcome, KafkaError):
+                raise BrokerUnavailable(f"kafka publish failed: {outcome!r}") from outcome
+            elif isinstance(outcome, BaseException):
+                raise outcome
+        if refused:
+            raise Unpublishable(refused)
+        return ()
 
     async def ack(self, messages: Sequence[InboundMessage]) -> None:
         assert self._consumer is not None
@@ -330,11 +407,15 @@ class _DrainOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
         )
 
 
-async def _unavailable_on_error(step: Any) -> None:
+async def _unavailable_on_error(step: Any) -> Any:
     try:
-        await step
+        return await step
     except KafkaError as error:
         raise BrokerUnavailable(f"kafka: {error!r}") from error
+
+
+def _refusal(error: KafkaError) -> str:
+    return " ".join(f"{type(error).__name__}: {error}".split())
 
 
 def open_broker(settings: Settings) -> Broker:

@@ -13,7 +13,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from .base import Broker, BrokerUnavailable, InboundMessage, OutboundMessage
+from .base import (
+    Broker,
+    BrokerUnavailable,
+    InboundMessage,
+    OutboundMessage,
+    PublishLimits,
+    Unpublishable,
+)
 
 
 @dataclass(slots=True)
@@ -42,13 +49,15 @@ class MemoryBus:
         for topic in topics:
             self._bindings.setdefault(topic, set()).add(group)
 
-    def put(self, message: OutboundMessage) -> None:
-        """Publish one message; raises BrokerUnavailable while failures are injected."""
+    def put(self, message: OutboundMessage) -> int:
+        """Publish one message; returns to how many groups it was routed. Raises
+        BrokerUnavailable while failures are injected."""
         if self._publish_failures:
             self._publish_failures -= 1
             raise BrokerUnavailable("memory bus: injected publish failure")
         self.published.append(message)
-        for group in sorted(self._bindings.get(message.topic, ())):
+        groups = sorted(self._bindings.get(message.topic, ()))
+        for group in groups:
             queue = self._queues[group]
             queue.ready.append(
                 InboundMessage(
@@ -61,6 +70,7 @@ class MemoryBus:
                 )
             )
             queue.wake()
+        return len(groups)
 
     def fail_next_publishes(self, count: int) -> None:
         """Make the next `count` publishes fail, as a bus outage would."""
@@ -81,6 +91,12 @@ class MemoryBus:
 _BUSES: dict[str, MemoryBus] = {}
 
 
+def memory_limits(max_message_bytes: int) -> PublishLimits:
+    """What the memory bus takes when it stands in for a real one: events up to
+    MAX_MESSAGE_BYTES, with the key and headers any bus takes; dead letters whole."""
+    return PublishLimits(body=max_message_bytes, parked_body=sys.maxsize)
+
+
 def bus_for_url(url: str) -> MemoryBus:
     """`memory://` is the process-wide default bus; `memory://name` a named one."""
     name = urlsplit(url).netloc
@@ -88,6 +104,9 @@ def bus_for_url(url: str) -> MemoryBus:
 
 
 class MemoryBroker(Broker):
+    # Events no group is bound for stay in the bus's `published` list, as all events do.
+    unrouted_destination = "memory bus"
+
     def __init__(
         self,
         bus: MemoryBus,
@@ -95,14 +114,17 @@ class MemoryBroker(Broker):
         *,
         exclusive: bool = False,
         max_unacked: int | None = None,
+        limits: PublishLimits | None = None,
     ) -> None:
         """`exclusive=True` makes the group's queue behave like a Kafka partition with one
         owner (positions only grow, progress is checkpointed): for tests of that path.
-        `max_unacked` stops deliveries while that many are unacked (RabbitMQ's prefetch)."""
+        `max_unacked` stops deliveries while that many are unacked (RabbitMQ's prefetch).
+        `limits` refuses larger messages as a real bus would (none by default)."""
         self.bus = bus
         self.group = group
         self.exclusive_streams = exclusive
         self.max_unacked = max_unacked
+        self.limits = limits
         self._delivered: dict[int, InboundMessage] = {}
 
     async def start(self, topics: Sequence[str]) -> None:
@@ -133,9 +155,10 @@ class MemoryBroker(Broker):
             return sys.maxsize
         return max(0, self.max_unacked - len(self._delivered))
 
-    async def publish(self, messages: Sequence[OutboundMessage]) -> None:
-        for message in messages:
-            self.bus.put(message)
+    async def publish(self, messages: Sequence[OutboundMessage]) -> Sequence[OutboundMessage]:
+        if self.limits is not None and (refused := self.limits.refused(messages)):
+            raise Unpublishable(refused)
+        return [m for m in messages if not self.bus.put(m) and not m.dead_letter]
 
     async def ack(self, messages: Sequence[InboundMessage]) -> None:
         queue = self.bus.queue(self.group)

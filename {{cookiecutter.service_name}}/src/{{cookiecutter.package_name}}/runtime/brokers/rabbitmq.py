@@ -3,6 +3,12 @@ dead-letter exchange, publisher confirms, prefetch, multiple-ack, robust reconne
 
 After a reconnect the delivery tags of the old channel are void: such messages are never
 acked (RabbitMQ redelivers them, flagged redelivered, and dedupe drops what was handled).
+
+Events are published `mandatory`: one that no queue is bound for comes back (before its
+confirm) and is parked in this service's `<CONSUMER_GROUP>.unrouted` quorum queue, so it
+is not lost. (Not an alternate exchange on the topic exchange: every service of every
+template version declares that exchange, and RabbitMQ refuses a declaration whose
+arguments differ from the existing exchange's, so adding one would stop the others.)
 """
 
 from __future__ import annotations
@@ -21,17 +27,37 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
+from aiormq.abc import DeliveredMessage
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ..config import ENV_PREFIX, Settings, load_model
 from ..logs import get_logger
-from .base import NO_HEADERS, Broker, BrokerUnavailable, InboundMessage, OutboundMessage
+from .base import (
+    CONTENT_TYPE_HEADER,
+    MAX_HEADER_BYTES,
+    MAX_KEY_BYTES,
+    NO_HEADERS,
+    Broker,
+    BrokerUnavailable,
+    InboundMessage,
+    OutboundMessage,
+    PublishLimits,
+    Unpublishable,
+)
 from .tls import tls_context
 
 log = get_logger(component="rabbitmq")
 KEY_HEADER = "x-event-key"
 TRANSIENT = (AMQPError, ChannelInvalidStateError, ConnectionError, TimeoutError)
+# A message's properties and headers travel in one frame (FRAME_MAX, 128 KiB by default;
+# a larger one makes the broker close the connection): room kept for the properties
+# besides the headers (content type, message id, delivery mode, frame header).
+PROPERTIES_BYTES = 1024
+ROUTING_KEY_BYTES = 255
+# The largest body every supported RabbitMQ takes by default (max_message_size; 4.x
+# lowered it from 128 MiB): dead letters are parked whole up to this.
+BROKER_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
 class RabbitMQSettings(BaseSettings):
@@ -56,6 +82,8 @@ class RabbitMQBroker(Broker):
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
         self._dead_letters: AbstractExchange | None = None
+        self._unrouted: AbstractExchange | None = None
+        self.unrouted_destination = f"queue {settings.unrouted_queue}"
         # Deliveries not fetched yet; a fetch waiting for `_wanted` of them waits on `_waiter`.
         self._buffer: list[AbstractIncomingMessage] = []
         self._wanted = 0
@@ -81,21 +109,45 @@ class RabbitMQBroker(Broker):
             self._exchange = await channel.declare_exchange(
                 self.rabbit.amqp_exchange, aio_pika.ExchangeType.TOPIC, durable=True
             )
-            self._dead_letters = await self._declare_dead_letter_queue(channel)
+            self._dead_letters, self._unrouted = await self._declare_parking(channel)
+            self.limits = self._limits()
             if topics:
                 await self._consume(channel, topics)
         except TRANSIENT as error:
             await self.close()
             raise BrokerUnavailable(f"rabbitmq: {error!r}") from error
 
-    async def _declare_dead_letter_queue(self, channel: AbstractChannel) -> AbstractExchange:
-        name = self.settings.dead_letter_queue
-        exchange = await channel.declare_exchange(name, aio_pika.ExchangeType.FANOUT, durable=True)
-        queue = await channel.declare_queue(
-            name, durable=True, arguments={"x-queue-type": "quorum"}
+    async def _declare_parking(
+        self, channel: AbstractChannel
+    ) -> tuple[AbstractExchange, AbstractExchange]:
+        """The dead-letter and the unrouted exchange, each into its quorum queue."""
+        found = []
+        for name in (self.settings.dead_letter_queue, self.settings.unrouted_queue):
+            exchange = await channel.declare_exchange(
+                name, aio_pika.ExchangeType.FANOUT, durable=True
+            )
+            queue = await channel.declare_queue(
+                name, durable=True, arguments={"x-queue-type": "quorum"}
+            )
+            await queue.bind(exchange)
+            found.append(exchange)
+        return found[0], found[1]
+
+    def _limits(self) -> PublishLimits:
+        """What this connection can publish: MAX_MESSAGE_BYTES of body for events (dead
+        letters whole), headers and key within one frame, routing keys of 255 bytes."""
+        frame_max = 131_072
+        if self._connection is not None and self._connection.transport is not None:
+            frame_max = self._connection.transport.connection.connection_tune.frame_max
+        room = frame_max - PROPERTIES_BYTES  # for the headers, the key header among them
+        key = min(MAX_KEY_BYTES, room // 4)
+        return PublishLimits(
+            body=self.settings.max_message_bytes,
+            key=key,
+            headers=min(MAX_HEADER_BYTES, room - key),
+            topic=ROUTING_KEY_BYTES,
+            parked_body=max(BROKER_MAX_MESSAGE_BYTES, self.settings.max_message_bytes),
         )
-        await queue.bind(exchange)
-        return exchange
 
     async def _consume(self, channel: AbstractChannel, topics: Sequence[str]) -> None:
         queue = await channel.declare_queue(
@@ -166,48 +218,76 @@ class RabbitMQBroker(Broker):
         batch = []
         for delivery in deliveries:
             headers = delivery.headers
+            text = (
+                {
+                    name: found
+                    for name, value in headers.items()
+                    if (found := _text(value)) is not None
+                }
+                if headers
+                else {}
+            )
+            if delivery.content_type:  # CloudEvents AMQP binding: the content-type property
+                text[CONTENT_TYPE_HEADER] = delivery.content_type
             batch.append(
                 InboundMessage(
                     delivery.body,
                     delivery.routing_key or "",
                     stream,
                     delivery.delivery_tag or 0,
-                    _text(headers.get(KEY_HEADER)),
-                    {
-                        name: text
-                        for name, value in headers.items()
-                        if (text := _text(value)) is not None
-                    }
-                    if headers
-                    else NO_HEADERS,
+                    text.get(KEY_HEADER),
+                    text or NO_HEADERS,
                     bool(delivery.redelivered),
                     delivery,
                 )
             )
         return batch
 
-    async def publish(self, messages: Sequence[OutboundMessage]) -> None:
-        if self._exchange is None or self._dead_letters is None:
+    async def publish(self, messages: Sequence[OutboundMessage]) -> Sequence[OutboundMessage]:
+        exchange, dead_letters = self._exchange, self._dead_letters
+        if exchange is None or dead_letters is None or self.limits is None:
             raise BrokerUnavailable("rabbitmq: not connected")
-        sends = []
-        for message in messages:
-            headers: dict[str, Any] = dict(message.headers)
-            if message.key:
-                headers[KEY_HEADER] = message.key
-            amqp_message = aio_pika.Message(
-                message.body,
-                headers=headers,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                content_type=message.headers.get("content-type"),
-            )
-            if message.dead_letter:
-                sends.append(self._dead_letters.publish(amqp_message, routing_key=""))
-            else:
-                sends.append(self._exchange.publish(amqp_message, routing_key=message.topic))
+        if refused := self.limits.refused(messages):
+            raise Unpublishable(refused)  # nothing sent: a frame too large ends the connection
+        sends = [
+            dead_letters.publish(_amqp_message(message), routing_key="", mandatory=True)
+            if message.dead_letter
+            else exchange.publish(_amqp_message(message), routing_key=message.topic, mandatory=True)
+            for message in messages
+        ]
         try:
-            await asyncio.gather(*sends)  # each returns when the broker confirmed it
+            # Each returns when the broker confirmed it, or returned it (routed nowhere).
+            results = await asyncio.gather(*sends)
+            returned = [
+                message
+                for message, result in zip(messages, results, strict=True)
+                if isinstance(result, DeliveredMessage)
+            ]
+            if returned:
+                await self._park_unrouted(returned)
         except TRANSIENT as error:
             raise BrokerUnavailable(f"rabbitmq publish failed: {error!r}") from error
+        return returned
+
+    async def _park_unrouted(self, returned: Sequence[OutboundMessage]) -> None:
+        """Events no queue is bound for go to the unrouted queue (their routing key kept),
+        confirmed before the loop acks what emitted them."""
+        assert self._unrouted is not None
+        results = []
+        if not any(message.dead_letter for message in returned):
+            results = await asyncio.gather(
+                *(
+                    self._unrouted.publish(
+                        _amqp_message(message), routing_key=message.topic, mandatory=True
+                    )
+                    for message in returned
+                )
+            )
+        if len(results) < len(returned) or any(isinstance(r, DeliveredMessage) for r in results):
+            # A parking queue was deleted under us: declare it again, then publish again.
+            assert self._channel is not None
+            self._dead_letters, self._unrouted = await self._declare_parking(self._channel)
+            raise BrokerUnavailable("rabbitmq: a parking queue was gone; declared it again")
 
     async def ack(self, messages: Sequence[InboundMessage]) -> None:
         if not messages:
@@ -257,8 +337,23 @@ class RabbitMQBroker(Broker):
         if self._connection is not None:
             await self._connection.close()  # unacked deliveries return to the queue
             self._connection = None
-        self._channel = self._exchange = self._dead_letters = self._lag_channel = None
+        self._channel = self._exchange = self._dead_letters = self._unrouted = None
+        self._lag_channel = None
         self._consuming = False
+
+
+def _amqp_message(message: OutboundMessage) -> aio_pika.Message:
+    headers: dict[str, Any] = dict(message.headers)
+    # CloudEvents AMQP binding: the content type is the message's property, not a header.
+    content_type = headers.pop(CONTENT_TYPE_HEADER, None)
+    if message.key:
+        headers[KEY_HEADER] = message.key
+    return aio_pika.Message(
+        message.body,
+        headers=headers,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        content_type=content_type,
+    )
 
 
 def _channel_open(delivery: AbstractIncomingMessage) -> bool:
