@@ -72,6 +72,28 @@ def new_state() -> MemoryStateStore:
     return MemoryStateStore(100_000, 3600, time.time)
 
 
+def relay_router() -> Router:
+    """Emits an Int64Value (the value's length) for each StringValue."""
+    router = Router()
+
+    @router.handles(StringValue)
+    async def handle(payload: StringValue, ctx: Context) -> None:
+        ctx.emit(Int64Value(value=len(payload.value)))
+
+    return router
+
+
+async def relay_one_event(backend: Backend, settings: Settings) -> ConsumerLoop:
+    """Runs a relay loop until one published StringValue is acked, then stops it."""
+    loop = build_loop(settings, relay_router(), broker=backend.broker(settings), state=new_state())
+    running = RunningLoop(loop)
+    await running.wait_started()
+    await publish(backend, settings, [OutboundMessage(settings.topic_for(STRING_TYPE), event("x"))])
+    await running.wait_until(lambda: loop.stats.acked >= 1, deadline_s=60)
+    await running.stop_gracefully()
+    return loop
+
+
 async def test_round_trip_keeps_body_key_and_headers(backend: Backend) -> None:
     settings = backend.settings()
     topic = settings.topic_for("round.trip")
@@ -199,12 +221,6 @@ class JournalingBroker(Broker):
 
 async def test_emitted_events_are_confirmed_before_the_source_is_acked(backend: Backend) -> None:
     settings = backend.settings()
-    router = Router()
-
-    @router.handles(StringValue)
-    async def handle(payload: StringValue, ctx: Context) -> None:
-        ctx.emit(Int64Value(value=len(payload.value)))
-
     observer = backend.broker(
         settings.model_copy(update={"consumer_group": settings.consumer_group + "-observer"})
     )
@@ -212,7 +228,7 @@ async def test_emitted_events_are_confirmed_before_the_source_is_acked(backend: 
     journal: list[str] = []
     loop = build_loop(
         settings,
-        router,
+        relay_router(),
         broker=JournalingBroker(backend.broker(settings), journal),
         state=new_state(),
     )

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
-from google.protobuf.wrappers_pb2 import Int64Value, StringValue
 
 from {{ cookiecutter.package_name }} import SERVICE_NAME
-from {{ cookiecutter.package_name }}.runtime import Context, Router
-from {{ cookiecutter.package_name }}.runtime.app import build_loop, event_registry
+from {{ cookiecutter.package_name }}.runtime.app import event_registry
 from {{ cookiecutter.package_name }}.runtime.brokers.base import OutboundMessage
 from {{ cookiecutter.package_name }}.runtime.config import ENV_PREFIX
 from {{ cookiecutter.package_name }}.runtime.errors import ConfigError
 
-from ..runtime.conftest import RunningLoop
 from .conftest import Backend, fetch_at_least, run_cli
 from .kafka_support import admin_client
-from .test_conformance import INT_TYPE, STRING_TYPE, event, new_state, publish
+from .test_conformance import INT_TYPE, publish, relay_one_event
 
 
 async def test_keyed_messages_land_on_the_murmur2_partition(real_backend: Backend) -> None:
@@ -65,20 +62,7 @@ async def test_topics_of_emitted_events_get_the_configured_partitions(
     publish with KAFKA_TOPIC_PARTITIONS, not left to the broker's auto-create."""
     monkeypatch.setenv(f"{ENV_PREFIX}KAFKA_TOPIC_PARTITIONS", "2")
     settings = real_backend.settings()
-    router = Router()
-
-    @router.handles(StringValue)
-    async def handle(payload: StringValue, ctx: Context) -> None:
-        ctx.emit(Int64Value(value=7))
-
-    loop = build_loop(settings, router, broker=real_backend.broker(settings), state=new_state())
-    running = RunningLoop(loop)
-    await running.wait_started()
-    await publish(
-        real_backend, settings, [OutboundMessage(settings.topic_for(STRING_TYPE), event("x"))]
-    )
-    await running.wait_until(lambda: loop.stats.acked >= 1, deadline_s=60)
-    await running.stop_gracefully()
+    await relay_one_event(real_backend, settings)
     event_type = event_registry().names()[0]
     emitted = run_cli(settings, "emit", event_type, "{}", KAFKA_TOPIC_PARTITIONS="2")
     assert emitted.returncode == 0, emitted.stderr

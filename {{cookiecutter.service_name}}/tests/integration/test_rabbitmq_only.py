@@ -15,10 +15,8 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 from aio_pika.exceptions import ChannelNotFoundEntity
-from google.protobuf.wrappers_pb2 import Int64Value, StringValue
 
-from {{ cookiecutter.package_name }}.runtime import Context, Router
-from {{ cookiecutter.package_name }}.runtime.app import build_loop, event_registry
+from {{ cookiecutter.package_name }}.runtime.app import event_registry
 from {{ cookiecutter.package_name }}.runtime.brokers.base import (
     CONTENT_TYPE_HEADER,
     BrokerUnavailable,
@@ -28,9 +26,8 @@ from {{ cookiecutter.package_name }}.runtime.brokers.rabbitmq import RabbitMQBro
 from {{ cookiecutter.package_name }}.runtime.envelope import CONTENT_TYPE
 from {{ cookiecutter.package_name }}.runtime.errors import ConfigError
 
-from ..runtime.conftest import RunningLoop
 from .conftest import Backend, fetch_at_least, fetch_for, run_cli
-from .test_conformance import INT_TYPE, STRING_TYPE, event, new_state, publish
+from .test_conformance import INT_TYPE, publish, relay_one_event
 from .tls_support import make_certificates
 
 TLS_VARIABLES = (
@@ -178,28 +175,8 @@ async def test_events_no_queue_is_bound_for_are_parked_in_the_unrouted_queue(
     in the service's unrouted quorum queue, counted, and the source is acked only once
     its event is there."""
     settings = real_backend.settings()
-    router = Router()
-
-    @router.handles(StringValue)
-    async def handle(payload: StringValue, ctx: Context) -> None:
-        ctx.emit(Int64Value(value=7))
-
-    loop = build_loop(settings, router, broker=real_backend.broker(settings), state=new_state())
-    running = RunningLoop(loop)
-    await running.wait_started()
-    await publish(
-        real_backend, settings, [OutboundMessage(settings.topic_for(STRING_TYPE), event("x"))]
-    )
-    parked_when_acked: list[int] = []
-
-    def acked() -> bool:
-        if loop.stats.acked:
-            parked_when_acked.append(loop.stats.unrouted)
-        return bool(loop.stats.acked)
-
-    await running.wait_until(acked, deadline_s=30)
-    await running.stop_gracefully()
-    assert parked_when_acked == [1]
+    loop = await relay_one_event(real_backend, settings)
+    assert loop.stats.unrouted == 1  # counted once its source was acked
     [parked] = await queued(real_backend.url, settings.unrouted_queue, 1)
     assert parked.routing_key == settings.topic_for(INT_TYPE)  # kept for a later redrive
     assert parked.content_type == CONTENT_TYPE
@@ -218,25 +195,12 @@ async def test_the_content_type_is_the_amqp_property_not_a_header(
 ) -> None:
     """CloudEvents AMQP binding (structured mode): for `emit`'s events and the loop's."""
     settings = real_backend.settings()
-    router = Router()
-
-    @router.handles(StringValue)
-    async def handle(payload: StringValue, ctx: Context) -> None:
-        ctx.emit(Int64Value(value=7))
-
     watcher = real_backend.broker(
         settings.model_copy(update={"consumer_group": settings.consumer_group + "-watch"})
     )
     event_type = event_registry().names()[0]
     await watcher.start([settings.topic_for(INT_TYPE), settings.topic_for(event_type)])
-    loop = build_loop(settings, router, broker=real_backend.broker(settings), state=new_state())
-    running = RunningLoop(loop)
-    await running.wait_started()
-    await publish(
-        real_backend, settings, [OutboundMessage(settings.topic_for(STRING_TYPE), event("x"))]
-    )
-    await running.wait_until(lambda: loop.stats.acked >= 1, deadline_s=30)
-    await running.stop_gracefully()
+    await relay_one_event(real_backend, settings)
     assert run_cli(settings, "emit", event_type, "{}").returncode == 0
     for message in await fetch_at_least(watcher, 2):
         delivery = message.handle
