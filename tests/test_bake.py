@@ -15,6 +15,8 @@ import yaml
 
 from .conftest import bake, run_ok, tool, tool_env
 
+pytestmark = pytest.mark.slow  # bakes and installs services; their own suites use the servers
+
 RUNNING_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
 RISKY_DESCRIPTION = "Ünïcødé \"double\" and 'single' quotes, a back\\slash & <angle> — done"
 
@@ -136,6 +138,7 @@ def own_python_env(name: str) -> dict[str, str]:
     return {**tool_env(), "UV_PYTHON": found}
 
 
+@pytest.mark.servers
 @pytest.mark.parametrize("name", MATRIX)
 def test_baked_service_passes_its_own_lint_and_tests(baked: dict[str, Path], name: str) -> None:
     """`make lint` and `make test` from a fresh bake, with nothing but what they install,

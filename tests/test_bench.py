@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from .conftest import TEMPLATE, run_ok, tool_env
+
+pytestmark = [pytest.mark.slow, pytest.mark.servers]
 
 
 def test_bench_runs_end_to_end_and_writes_its_figures() -> None:

@@ -18,6 +18,8 @@ import pytest
 
 from .conftest import TEMPLATE, bake, run_ok, tool_env
 
+pytestmark = [pytest.mark.slow, pytest.mark.servers]
+
 CRASH = TEMPLATE / "tests" / "crash"
 ADDRESSES = {"kafka": "TEST_KAFKA_BOOTSTRAP", "rabbitmq": "TEST_AMQP_URL"}
 

@@ -22,6 +22,8 @@ import yaml
 
 from .conftest import bake, run_ok, tool, tool_env
 
+pytestmark = pytest.mark.slow  # bakes and installs whole services
+
 BROKER_PORTS = {"kafka": {9092, 9093}, "rabbitmq": {5671, 5672}}
 NAME_LABEL = "app.kubernetes.io/name"
 SECRET_VARIABLES = {"BROKER_URL", "ETCD_PASSWORD", "KAFKA_SASL_PASSWORD"}

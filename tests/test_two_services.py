@@ -7,7 +7,11 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from .conftest import TEMPLATE, bake, run_ok, tool_env
+
+pytestmark = [pytest.mark.slow, pytest.mark.servers]
 
 
 def test_two_baked_services_chain_one_trace(tmp_path: Path) -> None:

@@ -9,7 +9,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from .conftest import TEMPLATE, run_ok, tool
+
+pytestmark = pytest.mark.slow  # bakes, then updates with cruft
 
 # Not part of the template a user would clone.
 LOCAL_ONLY = shutil.ignore_patterns(".git", ".venv", "build", "site", "*_cache", "__pycache__")

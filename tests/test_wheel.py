@@ -17,6 +17,8 @@ import pytest
 
 from .conftest import bake, run_ok, tool, tool_env
 
+pytestmark = pytest.mark.slow  # builds and installs wheels
+
 OTHER_SERVICE_PROTOS = {
     "billing/events/money.proto": """
 syntax = "proto3";

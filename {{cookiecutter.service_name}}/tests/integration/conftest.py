@@ -141,7 +141,11 @@ def _fast_kafka_groups(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(ENV_PREFIX + name, value)
 
 
-@pytest.fixture(params=["memory", *REAL])
+# The real brokers' cases are the `servers` tier (pytest -m "not servers" leaves them out).
+REAL_PARAMS = [pytest.param(name, marks=pytest.mark.servers) for name in REAL]
+
+
+@pytest.fixture(params=["memory", *REAL_PARAMS])
 async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
     """Every bus this service can use: the memory bus and its real broker."""
     chosen = make_backend(request.param)
@@ -149,7 +153,7 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
     await chosen.close()
 
 
-@pytest.fixture(params=list(REAL))
+@pytest.fixture(params=REAL_PARAMS)
 async def real_backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
     """Only the real broker, for behaviour the memory bus does not model."""
     chosen = make_backend(request.param)

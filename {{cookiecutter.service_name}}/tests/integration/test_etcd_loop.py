@@ -34,6 +34,8 @@ from {{ cookiecutter.package_name }}.runtime.testing import ServiceHarness
 from ..runtime.conftest import FAST, RunningLoop
 from .tls_support import make_certificates
 
+pytestmark = pytest.mark.servers  # starts etcd processes of its own
+
 
 def free_port() -> int:
     with socket.socket() as probe:

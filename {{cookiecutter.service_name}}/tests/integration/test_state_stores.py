@@ -33,7 +33,7 @@ def etcd_url() -> str:
     return f"etcd://{endpoints}"
 
 
-@pytest.fixture(params=["memory", "sqlite", "etcd"])
+@pytest.fixture(params=["memory", "sqlite", pytest.param("etcd", marks=pytest.mark.servers)])
 async def new_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[StoreFactory]:
     """Makes clients of one store; two clients stand for two processes."""
     kind: str = request.param
