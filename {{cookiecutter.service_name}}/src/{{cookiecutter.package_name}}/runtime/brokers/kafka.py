@@ -9,8 +9,9 @@ whichever language produced it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from itertools import groupby, islice
 from operator import attrgetter
 from typing import Any, Literal
@@ -139,7 +140,8 @@ class KafkaBroker(Broker):
         options = self._client_options()
         if self.kafka.kafka_create_topics:
             dead_letter_topics = [self.settings.dead_letter_topic_for(t) for t in topics]
-            await self._create_missing_topics([*topics, *dead_letter_topics])
+            # Every step that talks to the broker fails as BrokerUnavailable: start is retried.
+            await _unavailable_on_error(self._create_missing_topics([*topics, *dead_letter_topics]))
         if self._producer is None:  # start() is retried after a failure: keep what started
             producer = AIOKafkaProducer(
                 **options, acks="all", enable_idempotence=False, linger_ms=2
@@ -204,7 +206,10 @@ class KafkaBroker(Broker):
         buffer is empty: emptied now, the next fetch is under way while the loop handles
         these, instead of starting when the loop asks for the next batch."""
         assert self._consumer is not None, "fetch needs start() with topics"
-        records = await self._consumer.getmany(timeout_ms=int(max_wait_s * 1000))
+        try:
+            records = await self._consumer.getmany(timeout_ms=int(max_wait_s * 1000))
+        except KafkaError as error:
+            raise BrokerUnavailable(f"kafka fetch: {error!r}") from error
         ahead: list[InboundMessage] = []
         for partition, messages in records.items():
             topic, stream = partition.topic, stream_of(partition.topic, partition.partition)
@@ -304,7 +309,8 @@ class KafkaBroker(Broker):
 
     async def close(self) -> None:
         if self._consumer is not None:
-            await self._consumer.stop()  # no commit: unacked work is redelivered
+            with _logged_on_error("consumer"):
+                await self._consumer.stop()  # no commit: unacked work is redelivered
             self._consumer = None
         # Leaving the group revokes nothing through the listener: forget what was delivered
         # here, or a restart() (rejoining after being fenced) would wait on it for ever.
@@ -312,7 +318,8 @@ class KafkaBroker(Broker):
         self._ahead, self._ahead_at = [], 0
         self._idle.set()
         if self._producer is not None:
-            await self._producer.stop()
+            with _logged_on_error("producer"):
+                await self._producer.stop()
             self._producer = None
 
 
@@ -328,6 +335,15 @@ class _DrainOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
         log.info(
             "partitions assigned", partitions=sorted(f"{p.topic}:{p.partition}" for p in assigned)
         )
+
+
+@contextlib.contextmanager
+def _logged_on_error(what: str) -> Iterator[None]:
+    """Closing a client whose broker is gone: nothing is left to do but say so."""
+    try:
+        yield
+    except KafkaError as error:
+        log.warning(f"{what} closed with an error", error=repr(error))
 
 
 async def _unavailable_on_error(step: Any) -> None:
