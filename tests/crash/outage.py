@@ -6,9 +6,9 @@ SCENARIO is `rabbitmq` or `kafka` (the broker is stopped and started again: a Ra
 node of the test's own, or a tansu broker whose topics live in S3, with SQLite state) or
 `etcd` (the Kafka broker in TEST_KAFKA_BOOTSTRAP, state in an etcd of the test's own,
 killed with SIGKILL and started again, several short times). Events, some of them
-poison, are published all along. It prints one JSON object of figures on stdout: the
-service process must live through every outage, handle every event, park every poison
-message, and stop cleanly on SIGTERM.
+poison, are published all along, until the last outage is over. It prints one JSON
+object of figures on stdout: the service process must live through every outage, handle
+every event, park every poison message, and stop cleanly on SIGTERM.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import asyncio
 import json
 import os
 import random
+import signal
 import sys
 import time
 import uuid
@@ -28,7 +29,9 @@ from common import Events, Modules, Service, handled, wait_for
 from servers import PrivateEtcd, PrivateRabbitMQ, PrivateS3, PrivateTansu, Server
 
 PACKAGE, OUT, SCENARIO = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
-EVENTS = int(os.environ.get("OUTAGE_EVENTS", "1200"))
+CHUNK = 40  # events per publish, one publish every PACE_S: load all through the outages
+PACE_S = 0.1
+MAX_EVENTS = 40_000  # a bound on the load, whatever happens
 POISON = 5
 KEYS = [f"k{n}" for n in range(12)]
 # Broker restarts; etcd outages are shorter and more.
@@ -65,7 +68,7 @@ async def publish_until_confirmed(producer: Any, messages: list[Any]) -> int:
             await asyncio.sleep(0.5)
 
 
-async def main(started: list[Server]) -> dict[str, Any]:
+async def main(started: list[Server | Service]) -> dict[str, Any]:
     rng = random.Random(SEED)
     began = time.monotonic()
     every, failing, broker_url, state_url = servers()
@@ -80,6 +83,7 @@ async def main(started: list[Server]) -> dict[str, Any]:
     )
     events = Events(modules, settings)
     service = Service(PACKAGE, OUT, modules.service_env(run, OUT, broker_url, state_url))
+    started.append(service)
     await service.start()
 
     async def until(condition: Any, seconds: float) -> None:
@@ -91,20 +95,21 @@ async def main(started: list[Server]) -> dict[str, Any]:
     producer = modules.brokers.open_broker(settings)
     await producer.start([])
 
-    ids = [str(uuid.UUID(int=rng.getrandbits(128))) for _ in range(EVENTS)]
-    chunks = [ids[i : i + 40] for i in range(0, len(ids), 40)]
+    ids: list[str] = []
     poison = [b"poison-%d-" % n + os.urandom(8) for n in range(POISON)]
-    poison_in = {rng.randrange(len(chunks)): body for body in poison}
     republished = 0
+    over = asyncio.Event()  # the last outage is over
 
     async def publish_all() -> None:
         nonlocal republished
-        for number, chunk in enumerate(chunks):
+        while not over.is_set() and len(ids) < MAX_EVENTS:
+            chunk = [str(uuid.UUID(int=rng.getrandbits(128))) for _ in range(CHUNK)]
+            ids.extend(chunk)
             messages = [events.encode(event_id, rng.choice(KEYS)) for event_id in chunk]
-            if number in poison_in:
-                messages.append(events.poison(poison_in[number]))
+            if len(ids) // CHUNK <= POISON:  # early, so that outages hit their parking too
+                messages.append(events.poison(poison[len(ids) // CHUNK - 1]))
             republished += await publish_until_confirmed(producer, messages) - 1
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(PACE_S)
 
     async def outages() -> list[float]:
         """Each outage once the service has handled more since the last one: it resumed."""
@@ -119,6 +124,7 @@ async def main(started: list[Server]) -> dict[str, Any]:
             after = len(handled(OUT))
             await until(lambda after=after: len(handled(OUT)) > after, 120)
             resumed_s.append(round(time.monotonic() - restarted, 2))
+        over.set()
         return resumed_s
 
     publishing = asyncio.ensure_future(publish_all())
@@ -141,7 +147,7 @@ async def main(started: list[Server]) -> dict[str, Any]:
     return {
         "scenario": SCENARIO,
         "seed": SEED,
-        "events": EVENTS,
+        "events": len(ids),
         "outages": len(resumed_s),
         "down_s": DOWN_S,
         "service_starts": service.starts,
@@ -159,12 +165,17 @@ async def main(started: list[Server]) -> dict[str, Any]:
 
 def run() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
-    started: list[Server] = []
+    started: list[Server | Service] = []
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop the servers all the same
     try:
         print(json.dumps(asyncio.run(main(started))))
     finally:
-        for server in reversed(started):
-            server.stop(kill=True)
+        for process in reversed(started):  # the service first, if it still runs
+            if isinstance(process, Service):
+                if process.process is not None and process.process.poll() is None:
+                    process.kill()
+            else:
+                process.stop(kill=True)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,12 @@ class KafkaSettings(BaseSettings):
     kafka_replication_factor: int = Field(1, gt=0, description="Replicas of created topics")
     kafka_session_timeout_ms: int = Field(10_000, gt=0, description="Group session timeout")
     kafka_heartbeat_interval_ms: int = Field(3_000, gt=0, description="Group heartbeat interval")
+    kafka_group_instance_id: str | None = Field(
+        None,
+        min_length=1,
+        description="Static group membership: a name unique per replica and stable across "
+        "its restarts (the pod name); a restarted replica gets its partitions back at once",
+    )
     kafka_fetch_max_wait_ms: int = Field(
         100, ge=0, description="Longest a fetch waits at the broker for data (latency when quiet)"
     )
@@ -159,6 +165,7 @@ class KafkaBroker(Broker):
             fetch_max_wait_ms=self.kafka.kafka_fetch_max_wait_ms,
             session_timeout_ms=self.kafka.kafka_session_timeout_ms,
             heartbeat_interval_ms=self.kafka.kafka_heartbeat_interval_ms,
+            group_instance_id=self.kafka.kafka_group_instance_id,
         )
         consumer.subscribe(list(topics), listener=_DrainOnRevoke(self))
         try:
