@@ -4,8 +4,8 @@
 
 SCENARIO is `rabbitmq` or `kafka` (the broker is stopped and started again: a RabbitMQ
 node of the test's own, or a tansu broker whose topics live in S3, with SQLite state) or
-`etcd` (the Kafka broker in TEST_KAFKA_BOOTSTRAP, state in an etcd of the test's own,
-killed with SIGKILL and started again, several short times). Events, some of them
+`etcd` (a Kafka service's state in an etcd of the test's own, SIGKILLed and started
+again, several short times, under load from a tansu broker of its own). Events, some of them
 poison, are published all along, until the last outage is over. It prints one JSON
 object of figures on stdout: the service process must live through every outage, handle
 every event, park every poison message, and stop cleanly on SIGTERM.
@@ -33,9 +33,11 @@ CHUNK = 40  # events per publish, one publish every PACE_S: load all through the
 PACE_S = 0.1
 MAX_EVENTS = 40_000  # a bound on the load, whatever happens
 POISON = 5
-KEYS = [f"k{n}" for n in range(12)]
+# etcd: mostly new keys, so that each batch reads key state from the store (partitions at
+# once) while an outage begins, as well as writing its checkpoint.
+KEYS = [f"k{n}" for n in range(5000 if SCENARIO == "etcd" else 12)]
 # Broker restarts; etcd outages are shorter and more.
-OUTAGES = int(os.environ.get("OUTAGE_COUNT", "5" if SCENARIO == "etcd" else "2"))
+OUTAGES = int(os.environ.get("OUTAGE_COUNT", "10" if SCENARIO == "etcd" else "2"))
 DOWN_S = float(os.environ.get("OUTAGE_DOWN_S", "1" if SCENARIO == "etcd" else "3"))
 SEED = int(os.environ.get("OUTAGE_SEED", str(random.randrange(1 << 30))))
 modules = Modules(PACKAGE)
@@ -51,8 +53,8 @@ def servers() -> tuple[list[Server], Server, str, str]:
         tansu = PrivateTansu(OUT / "tansu", s3)
         return [s3, tansu], tansu, f"kafka://{tansu.bootstrap}", f"sqlite://{OUT / 'state.db'}"
     if SCENARIO == "etcd":
-        etcd = PrivateEtcd(OUT / "etcd")
-        return [etcd], etcd, f"kafka://{os.environ['TEST_KAFKA_BOOTSTRAP']}", etcd.url
+        etcd, tansu = PrivateEtcd(OUT / "etcd"), PrivateTansu(OUT / "tansu")
+        return [etcd, tansu], etcd, f"kafka://{tansu.bootstrap}", etcd.url
     raise SystemExit(f"unknown scenario {SCENARIO!r}: use rabbitmq, kafka or etcd")
 
 
@@ -158,6 +160,8 @@ async def main(started: list[Server | Service]) -> dict[str, Any]:
         "poison": POISON,
         "poison_parked": len({body for body, _ in parked} & set(poison)),
         "resumed_after_restart_s": resumed_s,
+        # The outages were felt: steps the service retried while a server was down.
+        "retried_steps": service.log_tail(10**9).count("failed; retrying"),
         "exit_code_on_sigterm": exit_code,
         "elapsed_s": round(time.monotonic() - began, 1),
     }

@@ -144,11 +144,11 @@ class PrivateS3(Server):
 
 
 class PrivateTansu(Server):
-    """A tansu broker whose topics live in `s3`: they survive its restarts."""
+    """A tansu broker whose topics live in `s3` (they survive its restarts), or in memory."""
 
     name = "tansu"
 
-    def __init__(self, folder: Path, s3: PrivateS3) -> None:
+    def __init__(self, folder: Path, s3: PrivateS3 | None = None) -> None:
         super().__init__(folder)
         self.s3 = s3
 
@@ -163,10 +163,14 @@ class PrivateTansu(Server):
             "broker",
             f"--listener-url={address}",
             f"--advertised-listener-url={address}",
-            f"--storage-engine=s3://{self.s3.bucket}/",
+            f"--storage-engine=s3://{self.s3.bucket}/"
+            if self.s3
+            else "--storage-engine=memory://tansu/",
         ]
 
     def environment(self) -> dict[str, str]:
+        if self.s3 is None:
+            return dict(os.environ)
         return {
             **os.environ,
             "AWS_ENDPOINT": self.s3.url,
