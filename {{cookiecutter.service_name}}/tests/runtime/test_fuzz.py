@@ -33,7 +33,10 @@ from {{ cookiecutter.package_name }}.runtime.envelope import (
     TypeRegistry,
     event_type_of,
 )
-from {{ cookiecutter.package_name }}.runtime.errors import InvalidEnvelope, UndecodableEvent
+from {{ cookiecutter.package_name }}.runtime.errors import (
+    InvalidEnvelope,
+    UndecodableEvent,
+)
 from {{ cookiecutter.package_name }}.runtime.testing import ServiceHarness
 
 from .conftest import FAST
