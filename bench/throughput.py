@@ -141,7 +141,10 @@ async def load_kafka(run: str, data: list[tuple[bytes, str]]) -> None:
     admin = AIOKafkaAdminClient(bootstrap_servers=KAFKA)
     await admin.start()
     try:
-        await admin.create_topics([NewTopic(topic(run), 3, 1)])
+        # With its dead-letter topic: the service runs with KAFKA_CREATE_TOPICS off.
+        await admin.create_topics(
+            [NewTopic(name, 3, 1) for name in (topic(run), f"{topic(run)}.dlq")]
+        )
     finally:
         await admin.close()
     producer = AIOKafkaProducer(bootstrap_servers=KAFKA, acks="all", linger_ms=5)
