@@ -67,6 +67,13 @@ def register(commands: Any) -> None:
     _selection(listing)
     show = actions.add_parser("show", help="the parked messages of one event id, decoded")
     show.add_argument("id", help="event id (CloudEvents id)")
+    show.add_argument(
+        "--type",
+        dest="types",
+        action="append",
+        metavar="GLOB",
+        help="Kafka: read the dead-letter topics of these types only (default: those handled)",
+    )
     redrive = actions.add_parser(
         "redrive",
         help="publish parked messages back to their origin, to be handled once more",
@@ -114,14 +121,16 @@ class _Parked:
     def __init__(self, settings: Settings, router: Router, args: argparse.Namespace) -> None:
         self.settings = settings
         self.args = args
-        self.consumed = router.event_types()
         registry = event_registry(router)
         self.codec = CloudEventsProtobufCodec(registry)
+        # Whose dead letters to read (Kafka: their topics' dead-letter topics).
+        chosen = getattr(args, "types", None)
+        self.types = resolve_types(chosen, registry.names(), router.event_types())
         if args.action == "show":
             self.filter, self.reasons, self.since = Filter(ids=frozenset([args.id])), None, None
         else:
-            types = resolve_types(args.types, registry.names(), ())
-            self.filter = Filter(frozenset(types), ids=frozenset(args.ids or ()))
+            picked = frozenset(self.types) if chosen else frozenset()
+            self.filter = Filter(picked, ids=frozenset(args.ids or ()))
             self.reasons = frozenset(args.reason) if args.reason else None
             self.since = None if args.since is None else point_in_time(args.since, "--since")
 
@@ -161,7 +170,7 @@ class _Parked:
     async def _read(
         self, reader: BusReader, action: str, resume: str | None = None
     ) -> tuple[Reading, Progress]:
-        reading = await reader.parked(self.consumed, resume=resume, bound=self.args.max_read)
+        reading = await reader.parked(self.types, resume=resume, bound=self.args.max_read)
         return reading, Progress(action, reading.total, as_json=self.args.json)
 
     async def listing(self, reader: BusReader) -> int:
