@@ -13,8 +13,7 @@ from typing import Any
 
 import pytest
 
-from {{ cookiecutter.package_name }}.runtime import Context, DeadLetter, Router
-from {{ cookiecutter.package_name }}.runtime import cli
+from {{ cookiecutter.package_name }}.runtime import Context, DeadLetter, Router, cli
 from {{ cookiecutter.package_name }}.runtime.app import event_registry
 from {{ cookiecutter.package_name }}.runtime.brokers.base import BrokerUnavailable, OutboundMessage
 from {{ cookiecutter.package_name }}.runtime.brokers.memory import MemoryBus, bus_for_url

@@ -90,10 +90,15 @@ class KafkaReader(BusReader):
             return Reading(_nothing(), 0)
         consumer.assign(partitions)
         first = await self._first(consumer, partitions, start)
-        stop = None if follow else await self._stop(consumer, partitions, until)
+        stop: dict[TopicPartition, int | None] | None = None
+        total = None
+        if not follow:  # bounded by `until` where the broker tells the offset
+            none: dict[TopicPartition, int | None] = dict.fromkeys(partitions)
+            stop = none if until is None else await self._at_time(consumer, partitions, until)
+            end = await _unavailable_on_error(consumer.end_offsets(partitions))
+            total = sum(max(0, (stop[p] or end[p]) - first[p]) for p in partitions)  # near
         for partition, offset in first.items():
             consumer.seek(partition, offset)
-        total = None if stop is None else sum(max(0, stop[p] - first[p]) for p in partitions)
         since = start if isinstance(start, datetime) else None
         return Reading(self._records(consumer, first, stop, since, until), total)
 
@@ -108,43 +113,23 @@ class KafkaReader(BusReader):
             return {p: await self._committed(consumer, p, beginning[p]) for p in partitions}
         if start == "beginning":
             return dict(beginning)
-        return await self._at_time(consumer, partitions, start, beginning)
-
-    async def _stop(
-        self, consumer: AIOKafkaConsumer, partitions: list[TopicPartition], until: datetime | None
-    ) -> dict[TopicPartition, int]:
-        """Where each partition's read stops: what it held when asked, and before `until`."""
-        end = await _unavailable_on_error(consumer.end_offsets(partitions))
-        if until is None:
-            return dict(end)
-        at = await self._at_time(consumer, partitions, until, end)
-        return {p: min(at[p], end[p]) for p in partitions}
+        at = await self._at_time(consumer, partitions, start)
+        # Unknown: from the beginning; the records' timestamps then tell.
+        return {p: beginning[p] if (offset := at[p]) is None else offset for p in partitions}
 
     async def _at_time(
-        self,
-        consumer: AIOKafkaConsumer,
-        partitions: list[TopicPartition],
-        when: datetime,
-        otherwise: Mapping[TopicPartition, int],
-    ) -> dict[TopicPartition, int]:
-        """The first offset stamped at or after `when`; past the end when none is. Where
-        the broker cannot tell (it answers no timestamp), `otherwise`: the read then
-        filters by the records' timestamps alone."""
+        self, consumer: AIOKafkaConsumer, partitions: list[TopicPartition], when: datetime
+    ) -> dict[TopicPartition, int | None]:
+        """The first offset stamped at or after `when`; None where there is none, or the
+        broker cannot tell (it answers without a timestamp)."""
         milliseconds = int(when.timestamp() * 1000)
         found = await _unavailable_on_error(
             consumer.offsets_for_times(dict.fromkeys(partitions, milliseconds))
         )
-        end = await _unavailable_on_error(consumer.end_offsets(partitions))
-        chosen = {}
-        for partition in partitions:
-            hit = found.get(partition)
-            if hit is None:
-                chosen[partition] = end[partition]
-            elif hit.timestamp < 0:
-                chosen[partition] = otherwise[partition]
-            else:
-                chosen[partition] = hit.offset
-        return chosen
+        hits = {partition: found.get(partition) for partition in partitions}
+        return {
+            p: None if hit is None or hit.timestamp < 0 else hit.offset for p, hit in hits.items()
+        }
 
     async def _committed(
         self, consumer: AIOKafkaConsumer, partition: TopicPartition, default: int
@@ -156,13 +141,20 @@ class KafkaReader(BusReader):
         self,
         consumer: AIOKafkaConsumer,
         first: Mapping[TopicPartition, int],
-        stop: Mapping[TopicPartition, int] | None,
+        stop: Mapping[TopicPartition, int | None] | None,
         since: datetime | None,
         until: datetime | None,
     ) -> AsyncIterator[Record]:
-        since_ms = None if since is None else since.timestamp() * 1000
-        until_ms = None if until is None else until.timestamp() * 1000
-        left = None if stop is None else {p for p in first if first[p] < stop[p]}
+        # Records are stamped in whole milliseconds: bounds too, or a record stamped in
+        # the bound's own millisecond would fall outside it.
+        since_ms = None if since is None else int(since.timestamp() * 1000)
+        until_ms = None if until is None else int(until.timestamp() * 1000)
+        # A read that does not follow stops at the high watermark of its first fetch (what
+        # the partition held then: not what a replay into it adds), or earlier at `until`'s
+        # offset. (Some Kafka-protocol brokers answer a list-offsets for the end with the
+        # last batch's first offset; a fetch's high watermark is right on every one.)
+        limits: dict[TopicPartition, int] = {}
+        left = None if stop is None else set(first)
         while left is None or left:
             if left is None and until is not None and datetime.now(UTC) >= until:
                 return  # following, and the window closed
@@ -170,8 +162,15 @@ class KafkaReader(BusReader):
                 fetched = await consumer.getmany(timeout_ms=POLL_MS)
             except KafkaError as error:
                 raise BrokerUnavailable(f"kafka: {error!r}") from error
+            if stop is not None:
+                for partition in first.keys() - limits.keys():
+                    if (highwater := consumer.highwater(partition)) is not None:
+                        at_until = stop[partition]
+                        limits[partition] = (
+                            highwater if at_until is None else min(highwater, at_until)
+                        )
             for partition, records in fetched.items():
-                limit = None if stop is None else stop[partition]
+                limit = limits.get(partition)
                 kept = [
                     record
                     for record in records
@@ -181,9 +180,9 @@ class KafkaReader(BusReader):
                 ]
                 for message, record in zip(inbound_messages(partition, kept), kept, strict=True):
                     yield Record(message, _time(record))
-            if left is not None and stop is not None:
-                for partition in list(left):
-                    if await consumer.position(partition) >= stop[partition]:
+            if left is not None:
+                for partition in list(left & limits.keys()):
+                    if await consumer.position(partition) >= limits[partition]:
                         left.discard(partition)
                         consumer.pause(partition)
 
