@@ -4,6 +4,7 @@ loop; the same commands against the real broker are in tests/integration. Templa
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import time
 import uuid
@@ -23,6 +24,7 @@ from {{ cookiecutter.package_name }}.runtime.dedupe import REDRIVE_HEADER
 from {{ cookiecutter.package_name }}.runtime.envelope import CloudEventsProtobufCodec
 from {{ cookiecutter.package_name }}.runtime.errors import CommandFailed
 from {{ cookiecutter.package_name }}.runtime.loop import LoopStats
+from {{ cookiecutter.package_name }}.runtime.operator import progress
 from {{ cookiecutter.package_name }}.runtime.state.memory import MemoryStateStore
 
 from .conftest import RunningLoop, fast_settings, make_loop, publish_to
@@ -224,3 +226,23 @@ async def test_replay_into_the_service_is_a_duplicate_unless_reprocessed(
     stats = await service.run_until_idle()
     assert (stats.handled, stats.duplicates) == (2, 2)
     assert sorted(service.handled[-2:]) == sorted(inside)
+
+
+def test_progress_off_a_terminal_is_counts_and_a_rate(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(progress, "REPORT_EVERY_S", 0.0)
+    for as_json in (False, True):
+        stream = io.StringIO()  # not a terminal: no bar
+        counted = progress.Progress("dlq redrive", 2, as_json=as_json, stream=stream)
+        counted.add(read=1, matched=1)
+        counted.add(read=1, republished=1)
+        summary = counted.finish()
+        first, second = stream.getvalue().splitlines()
+        if as_json:
+            assert json.loads(second)["read"] == 2 and json.loads(second)["total"] == 2
+            assert json.loads(counted.summary_line(summary))["summary"]["republished"] == 1
+        else:
+            assert first.startswith("dlq redrive: read 1, matched 1, re-published 0")
+            assert "(read of 2;" in second and second.endswith("/s)")
+            assert counted.summary_line(summary).startswith(
+                "dlq redrive: read 2, matched 1, re-published 1, skipped 0, failed 0 in "
+            )

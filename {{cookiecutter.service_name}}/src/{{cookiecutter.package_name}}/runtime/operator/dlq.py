@@ -15,6 +15,7 @@ import argparse
 import hashlib
 import json
 from collections import defaultdict
+from collections.abc import AsyncIterator
 from typing import Any
 
 from ..app import event_registry
@@ -173,10 +174,19 @@ class _Parked:
         reading = await reader.parked(self.types, resume=resume, bound=self.args.max_read)
         return reading, Progress(action, reading.total, as_json=self.args.json)
 
+    async def _bounded(self, reading: Reading) -> AsyncIterator[Record]:
+        """At most --max-read parked messages (the reader may bound them itself)."""
+        count = 0
+        async for record in reading.records:
+            if count >= self.args.max_read:
+                return
+            count += 1
+            yield record
+
     async def listing(self, reader: BusReader) -> int:
         reading, progress = await self._read(reader, "dlq list")
         groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
-        async for record in reading.records:
+        async for record in self._bounded(reading):
             progress.add(read=1)
             view = self.view(record)
             if view is None or not self.selected(view):
@@ -210,7 +220,7 @@ class _Parked:
     async def show(self, reader: BusReader) -> int:
         reading, progress = await self._read(reader, "dlq show")
         found = []
-        async for record in reading.records:
+        async for record in self._bounded(reading):
             progress.add(read=1)
             view = self.view(record)
             if view is not None and self.selected(view):
@@ -236,7 +246,7 @@ class _Parked:
         read: list[Record] = []  # since the last settle
         sending: list[tuple[Record, OutboundMessage]] = []
         try:
-            async for record in reading.records:
+            async for record in self._bounded(reading):
                 if self.args.limit is not None and progress.counts["matched"] >= self.args.limit:
                     break  # not read, as far as a resumed redrive is concerned
                 read.append(record)
