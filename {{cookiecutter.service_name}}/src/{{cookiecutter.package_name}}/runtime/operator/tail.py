@@ -75,6 +75,9 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
         where = (
             "now" if start == "end" else ("the beginning" if args.from_beginning else args.since)
         )
+        if reading.total == 0:  # Kafka: none of their topics exists yet
+            note(f"tail: no topic of {', '.join(types)} exists yet: nothing to read")
+            return 0
         note(f"tail: reading {len(types)} event type(s) from {where}; Ctrl-C stops")
         async for record in reading.records:
             view = describe(codec, record)
