@@ -14,6 +14,7 @@ BROKER_FILES: dict[str, list[str]] = {
     "kafka": [
         "compose/kafka.yml",
         "src/{package}/runtime/brokers/kafka.py",
+        "src/{package}/runtime/brokers/kafka_reading.py",
         "tests/runtime/test_kafka.py",
         "tests/integration/kafka_support.py",
         "tests/integration/test_kafka_only.py",
@@ -21,6 +22,7 @@ BROKER_FILES: dict[str, list[str]] = {
     "rabbitmq": [
         "compose/rabbitmq.yml",
         "src/{package}/runtime/brokers/rabbitmq.py",
+        "src/{package}/runtime/brokers/rabbitmq_reading.py",
         "tests/runtime/test_rabbitmq.py",
         "tests/integration/rabbitmq_support.py",
         "tests/integration/test_rabbitmq_only.py",

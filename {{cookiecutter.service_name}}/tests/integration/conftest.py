@@ -161,8 +161,7 @@ async def real_backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]
     await chosen.close()
 
 
-def run_cli(settings: Settings, *args: str, **variables: str) -> subprocess.CompletedProcess[str]:
-    """The service's command line, as an operator runs it, against the bus of `settings`."""
+def _cli_env(settings: Settings, variables: dict[str, str]) -> dict[str, str]:
     env = {name: value for name, value in os.environ.items() if not name.startswith(ENV_PREFIX)}
     given = {
         "BROKER_URL": settings.broker_url,
@@ -171,12 +170,28 @@ def run_cli(settings: Settings, *args: str, **variables: str) -> subprocess.Comp
         **variables,
     }
     env.update({ENV_PREFIX + name: value for name, value in given.items()})
+    return env
+
+
+def run_cli(settings: Settings, *args: str, **variables: str) -> subprocess.CompletedProcess[str]:
+    """The service's command line, as an operator runs it, against the bus of `settings`."""
     return subprocess.run(
         [sys.executable, "-m", PACKAGE_NAME, *args],
-        env=env,
+        env=_cli_env(settings, variables),
         capture_output=True,
         text=True,
         timeout=120,
+    )
+
+
+def start_cli(settings: Settings, *args: str, **variables: str) -> subprocess.Popen[str]:
+    """`run_cli`, left running (a tail): stdout and stderr are pipes."""
+    return subprocess.Popen(
+        [sys.executable, "-m", PACKAGE_NAME, *args],
+        env=_cli_env(settings, variables),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 

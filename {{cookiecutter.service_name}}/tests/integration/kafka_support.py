@@ -7,7 +7,7 @@ import contextlib
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from {{ cookiecutter.package_name }}.runtime.brokers.base import text_headers
@@ -68,3 +68,29 @@ async def admin_client(url: str) -> AsyncIterator[AIOKafkaAdminClient]:
         yield admin
     finally:
         await admin.close()
+
+
+async def waiting_for(settings: Settings, topic: str) -> int:
+    """Messages of `topic` the service's consumer group has not consumed (committed)."""
+    # Asked as the group (not joining it): an admin's offset listing is not what every
+    # Kafka-protocol broker answers.
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap_servers(settings.broker_url),
+        group_id=settings.consumer_group,
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    try:
+        await consumer.topics()  # the cluster's metadata, this topic's partitions among it
+        partitions = [TopicPartition(topic, n) for n in consumer.partitions_for_topic(topic) or ()]
+        committed = {p: await consumer.committed(p) or 0 for p in partitions}
+        consumer.assign(partitions)
+        for partition, offset in committed.items():
+            consumer.seek(partition, offset)
+        # The end as a fetch tells it (a list-offsets answer is not right on every broker).
+        async with asyncio.timeout(30):
+            while any(consumer.highwater(p) is None for p in partitions):
+                await consumer.getmany(timeout_ms=100)
+        return sum((consumer.highwater(p) or 0) - committed[p] for p in partitions)
+    finally:
+        await consumer.stop()

@@ -62,3 +62,14 @@ async def remove_test_resources(url: str, used: Sequence[Settings]) -> None:
                 await channel.exchange_delete(name)
     finally:
         await connection.close()
+
+
+async def waiting_for(settings: Settings, topic: str) -> int:
+    """Messages in the service's queue (its consumer took none of them)."""
+    connection = await aio_pika.connect(settings.broker_url)
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(settings.consumer_group, passive=True)
+        return queue.declaration_result.message_count or 0
+    finally:
+        await connection.close()

@@ -149,3 +149,36 @@ def test_demo_shows_every_outcome(env: dict[str, str]) -> None:
         "nothing left on the bus",
     ):
         assert expected in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "variables", "expected"),
+    [
+        (("tail", "--type", "no.such.*"), {}, "--type 'no.such.*' matches no event type"),
+        (("dlq", "redrive", "--type", "Nope"), {}, "--type 'Nope' matches no event type"),
+        (("replay", "--since", "yesterday"), {}, "--since 'yesterday' is not a time"),
+        (("replay", "--since", "1h", "--until", "2h"), {}, "--until '2h' is not after"),
+        (("tail", "--count", "0"), {}, "'0' is not a whole number above 0"),
+        (("tail", "--payload", "--json"), {}, "not allowed with argument"),
+        (("dlq", "purge"), {}, "invalid choice: 'purge'"),
+        (("dlq", "show"), {}, "the following arguments are required: id"),
+        (("tail",), {"BROKER_URL": "nats://127.0.0.1:4222"}, "BROKER_URL"),
+    ],
+)
+def test_operator_commands_refuse_bad_arguments_in_one_line(
+    env: dict[str, str], args: tuple[str, ...], variables: dict[str, str], expected: str
+) -> None:
+    env.update({ENV_PREFIX + name: value for name, value in variables.items()})
+    result = cli(env, *args)
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("command", [("tail",), ("dlq", "list"), ("dlq", "redrive"), ("replay",)])
+def test_operator_commands_have_help(env: dict[str, str], command: tuple[str, ...]) -> None:
+    result = cli(env, *command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: {SERVICE_NAME} {' '.join(command)}")
+    assert "--json" in result.stdout

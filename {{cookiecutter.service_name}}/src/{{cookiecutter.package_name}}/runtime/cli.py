@@ -1,4 +1,5 @@
-"""The service's command line: run, healthcheck, emit, types, demo, config."""
+"""The service's command line: run, healthcheck, emit, types, demo, config, and the
+operator commands (tail, dlq, replay: one module each under operator/)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from importlib.metadata import version
+from typing import Any, NoReturn
 
 from google.protobuf import json_format
 
@@ -17,18 +19,25 @@ from .brokers import open_broker
 from .brokers.base import BrokerUnavailable, Unpublishable, event_message
 from .config import ENV_PREFIX, Settings, load_settings, reference
 from .envelope import CloudEventsProtobufCodec, Envelope, new_event_id, now
-from .errors import ConfigError
+from .errors import CommandFailed, ConfigError
 from .health import Heartbeat, check
 from .logs import configure_logging
+from .operator import dlq, replay, tail
 from .telemetry import configure_telemetry, shutdown_telemetry
 
+# Operator commands: each module registers its arguments and runs it (async).
+OPERATOR_COMMANDS = {"tail": tail, "dlq": dlq, "replay": replay}
 
-class CommandFailed(Exception):
-    """A command could not do its job (the bus is down, refused the event); one line."""
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments: one line (`<prog>: error: ...`) and exit 2, not the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see --help)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=SERVICE_NAME,
         description=f"Settings come from {ENV_PREFIX}* environment variables.",
     )
@@ -49,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "config", help="print every environment variable with its default (dotenv format)"
     )
+    for command in OPERATOR_COMMANDS.values():
+        command.register(commands)
     return parser
 
 
@@ -70,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_emit(settings, args.type, args.data, args.key, args.event_id))
         if args.command == "demo":
             return _demo(settings)
+        if (operator_command := OPERATOR_COMMANDS.get(args.command)) is not None:
+            return _operate(settings, operator_command.run, args)
         return _run(settings)
     except (ConfigError, CommandFailed) as error:
         one_line = " ".join(str(error).split())
@@ -77,6 +90,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2 if isinstance(error, ConfigError) else 1
     except KeyboardInterrupt:
         return 130
+
+
+def _operate(
+    settings: Settings,
+    command: Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]],
+    args: argparse.Namespace,
+) -> int:
+    # Library logs (aiokafka, aio-pika) on stderr, warnings only: stdout is the data.
+    configure_logging(settings.model_copy(update={"log_level": "WARNING"}), sys.stderr)
+    return asyncio.run(command(settings, args))
 
 
 def _run(settings: Settings) -> int:

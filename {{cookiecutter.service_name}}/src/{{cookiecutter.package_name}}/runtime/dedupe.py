@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import secrets
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import groupby
 
 from xxhash import xxh3_128_digest
@@ -102,3 +102,32 @@ class DedupeWindow:
             bucket.start += 1
             if bucket.start == len(bucket.ids):
                 buckets.popleft()
+
+
+# Redrive generations. An operator's redrive (`dlq redrive`, `replay --reprocess`) asks
+# one consumer group to handle an event again although its id is in the dedupe window:
+# the copy it re-publishes carries this header, "<group>#<generation>". For that group the
+# event's dedupe id is "<id>#redrive-<generation>", a new id once; every other group (and a
+# header naming no group of ours) keeps the plain id, so they drop the copy as before. The
+# generation is one past the copy it was made from, so re-publishing one parked message
+# twice (the same redrive run again, or resumed after a crash) gives the same dedupe id:
+# the handler runs once per redrive. Emitted events keep ids derived from the event's own
+# id, so the next service drops what a re-run emits again.
+REDRIVE_HEADER = "x-redrive"
+
+
+def _generation(value: str, group: str) -> int:
+    """The generation `value` (a REDRIVE_HEADER) asks of `group`; 0 when it names another."""
+    target, _, generation = value.rpartition("#")
+    return int(generation) if target == group and generation.isdigit() else 0
+
+
+def redriven_id(event_id: str, value: str, group: str) -> str:
+    """The id `group` dedupes an event by when it carries REDRIVE_HEADER `value`."""
+    generation = _generation(value, group)
+    return f"{event_id}#redrive-{generation}" if generation else event_id
+
+
+def next_redrive(headers: Mapping[str, str], group: str) -> str:
+    """The REDRIVE_HEADER asking `group` to handle once more the copy with `headers`."""
+    return f"{group}#{_generation(headers.get(REDRIVE_HEADER, ''), group) + 1}"

@@ -35,3 +35,7 @@ class UndecodableEvent(Exception):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+class CommandFailed(Exception):
+    """A command could not do its job (the bus is down, refused the event); one line."""

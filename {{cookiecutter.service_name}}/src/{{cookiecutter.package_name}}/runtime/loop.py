@@ -61,7 +61,7 @@ from .brokers.base import (
     event_message,
 )
 from .config import Settings
-from .dedupe import DedupeWindow, digest
+from .dedupe import REDRIVE_HEADER, DedupeWindow, digest, redriven_id
 from .envelope import Envelope, EnvelopeCodec, derive_event_id, event_type_of, now
 from .errors import DeadLetter, UndecodableEvent
 from .health import Heartbeat
@@ -100,6 +100,7 @@ class _Work:
     message: InboundMessage
     envelope: Envelope
     spec: HandlerSpec
+    event_id: str  # what dedupe and key state know it by (its id, unless redriven)
 
 
 # What handling one event came to: the events it emitted, or a dead letter.
@@ -551,10 +552,11 @@ class ConsumerLoop:
         one stream (a partition's messages come together)."""
         work: dict[tuple[str, str], list[_Work]] = defaultdict(list)
         result.recorded_at = self.clock()
-        max_bytes, decode, handler_of = (
+        max_bytes, decode, handler_of, group = (
             self.settings.max_message_bytes,
             self.codec.decode,
             self.router.get,
+            self.settings.consumer_group,
         )
         seen_in_batch: dict[str, set[bytes]] = defaultdict(set)
         for stream, run in groupby(batch, key=attrgetter("stream")):
@@ -572,19 +574,22 @@ class ConsumerLoop:
                 except UndecodableEvent as error:
                     result.dead.append(DeadLetterRecord(message, error.reason, error.detail))
                     continue
-                event_digest = digest(envelope.id)
+                event_id = envelope.id
+                if REDRIVE_HEADER in message.headers:  # an operator asked for a re-run
+                    event_id = redriven_id(event_id, message.headers[REDRIVE_HEADER], group)
+                event_digest = digest(event_id)
                 if known(event_digest) or event_digest in seen:
                     result.duplicates += 1
                     continue
                 seen.add(event_digest)
-                processed.append(envelope.id)
+                processed.append(event_id)
                 digests.append(event_digest)
                 spec = handler_of(envelope.type)
                 if spec is None or envelope.payload is None:
                     result.dead.append(DeadLetterRecord(message, "unknown-type", envelope.type))
                     continue
                 key = envelope.subject or message.key or envelope.id
-                work[stream, key].append(_Work(message, envelope, spec))
+                work[stream, key].append(_Work(message, envelope, spec, event_id))
         return work
 
     def _not_checkpointed(
@@ -674,7 +679,7 @@ class ConsumerLoop:
                 taken += 1
                 slot = slots.get(group)
                 for item in items:
-                    if slot is not None and item.envelope.id in slot.stored.applied:
+                    if slot is not None and item.event_id in slot.stored.applied:
                         result.duplicates += 1  # its key's stored state has it already
                         continue
                     outcome = await handle(item, slot)
@@ -748,7 +753,7 @@ class ConsumerLoop:
             if emitted:  # what emitted events carry on (correlation) is first read here
                 item.envelope.extensions  # noqa: B018
             if slot is not None and state is not None:
-                slot.finish(item.envelope.id, state)
+                slot.finish(item.event_id, state)
         except DeadLetter as error:  # InvalidEnvelope, or an unusable ctx.state
             return DeadLetterRecord(message, error.reason, error.detail)
         if span is trace.INVALID_SPAN:  # no tracing: pass the incoming trace context on as is

@@ -9,9 +9,16 @@ from ..config import Settings
 from ..errors import ConfigError
 from .base import Broker, BrokerUnavailable, DeadLetterRecord, InboundMessage, OutboundMessage
 from .memory import MemoryBroker, MemoryBus, bus_for_url, memory_limits
+from .reading import BusReader
 
 # scheme -> module in this package that defines `open_broker(settings) -> Broker`
 ADAPTER_MODULES = {"kafka": "kafka", "amqp": "rabbitmq", "amqps": "rabbitmq"}
+# adapter module -> its operator reader (module, class), built on the adapter's Broker
+READERS = {
+    "memory": ("memory_reading", "MemoryReader"),
+    "kafka": ("kafka_reading", "KafkaReader"),
+    "rabbitmq": ("rabbitmq_reading", "RabbitMQReader"),
+}
 
 __all__ = [
     "Broker",
@@ -22,6 +29,7 @@ __all__ = [
     "MemoryBus",
     "OutboundMessage",
     "open_broker",
+    "open_reader",
 ]
 
 
@@ -45,3 +53,14 @@ def open_broker(settings: Settings) -> Broker:
         ) from None
     broker: Broker = module.open_broker(settings)
     return broker
+
+
+def open_reader(settings: Settings) -> BusReader:
+    """A reader of the bus for operator commands (tail, dlq, replay)."""
+    broker = open_broker(settings)
+    scheme = urlsplit(settings.broker_url).scheme
+    module_name, class_name = READERS[ADAPTER_MODULES.get(scheme, scheme)]
+    reader: BusReader = getattr(importlib.import_module(f"{__name__}.{module_name}"), class_name)(
+        settings, broker
+    )
+    return reader

@@ -6,6 +6,7 @@ import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
 
@@ -16,6 +17,7 @@ DLQ_REASON = "x-dead-letter-reason"
 DLQ_ERROR = "x-dead-letter-error"
 DLQ_ORIGIN = "x-dead-letter-origin"
 DLQ_SERVICE = "x-dead-letter-service"
+DLQ_TIME = "x-dead-letter-time"  # when it was parked (ISO 8601, UTC)
 # Only on a dead letter cut to fit the bus: the original body size, and what was cut.
 DLQ_ORIGINAL_SIZE = "x-dead-letter-original-size"
 DLQ_TRUNCATED = "x-dead-letter-truncated"
@@ -74,6 +76,9 @@ class OutboundMessage:
     dead_letter: bool = False
     # The delivery this message answers: the event it was emitted for, or the one parked.
     origin: InboundMessage | None = field(default=None, compare=False, repr=False)
+    # Kafka: the partition to write to (a redrive or replay puts a copy where the original
+    # was, so that partition's dedupe window knows it); None: chosen by the key.
+    partition: int | None = None
 
 
 def event_message(
@@ -113,6 +118,7 @@ def dead_letter_message(
             DLQ_ERROR: record.error[:MAX_ERROR_HEADER],
             DLQ_ORIGIN: f"{origin.topic}|{origin.stream}|{origin.position}",
             DLQ_SERVICE: service,
+            DLQ_TIME: datetime.now(UTC).isoformat(timespec="milliseconds"),
         }
     )
     return OutboundMessage(
@@ -207,7 +213,7 @@ class PublishLimits:
         )
 
 
-_PARKING_HEADERS = (DLQ_REASON, DLQ_ERROR, DLQ_ORIGIN, DLQ_SERVICE, DLQ_ORIGINAL_SIZE)
+_PARKING_HEADERS = (DLQ_REASON, DLQ_ERROR, DLQ_ORIGIN, DLQ_SERVICE, DLQ_TIME, DLQ_ORIGINAL_SIZE)
 
 
 def header_bytes(headers: Mapping[str, str]) -> int:

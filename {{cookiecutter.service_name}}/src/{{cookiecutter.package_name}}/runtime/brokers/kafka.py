@@ -112,6 +112,24 @@ def stream_of(topic: str, partition: int) -> str:
     return f"{topic}:{partition}"
 
 
+def inbound_messages(partition: TopicPartition, records: Iterable[Any]) -> list[InboundMessage]:
+    """Records fetched from `partition` as deliveries (the loop's, and operator reads')."""
+    topic, stream = partition.topic, stream_of(partition.topic, partition.partition)
+    return [
+        InboundMessage(
+            record.value or b"",
+            topic,
+            stream,
+            record.offset,
+            record.key.decode("utf-8", "backslashreplace") if record.key else None,
+            text_headers(record.headers) if record.headers else NO_HEADERS,
+            False,
+            partition,
+        )
+        for record in records
+    ]
+
+
 class _Offsets:
     """Delivered offsets of one partition; commits only the finished contiguous prefix."""
 
@@ -271,20 +289,7 @@ class KafkaBroker(Broker):
             raise BrokerUnavailable(f"kafka fetch: {error!r}") from error
         ahead: list[InboundMessage] = []
         for partition, messages in records.items():
-            topic, stream = partition.topic, stream_of(partition.topic, partition.partition)
-            ahead.extend(
-                InboundMessage(
-                    record.value or b"",
-                    topic,
-                    stream,
-                    record.offset,
-                    record.key.decode("utf-8", "backslashreplace") if record.key else None,
-                    text_headers(record.headers) if record.headers else NO_HEADERS,
-                    False,
-                    partition,
-                )
-                for record in messages
-            )
+            ahead += inbound_messages(partition, messages)
         self._ahead, self._ahead_at = ahead, 0
 
     async def publish(self, messages: Sequence[OutboundMessage]) -> Sequence[OutboundMessage]:
@@ -305,6 +310,7 @@ class KafkaBroker(Broker):
                         message.topic,
                         message.body,
                         key=message.key.encode() if message.key else None,
+                        partition=message.partition,
                         headers=binary_headers(message.headers),
                     )
                 except REFUSED as error:  # the client's own size check

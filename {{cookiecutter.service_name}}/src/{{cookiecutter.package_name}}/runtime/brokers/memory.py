@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import sys
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,9 @@ class MemoryBus:
 
     def __init__(self) -> None:
         self.published: list[OutboundMessage] = []
+        self.published_at: list[float] = []  # when each was published (time.time())
+        # Operator reads (memory_reading): how far each named redrive got in `published`.
+        self.redrive_progress: dict[str, int] = {}
         self._queues: dict[str, _Queue] = {}
         self._bindings: dict[str, set[str]] = {}
         self._tags = itertools.count(1)
@@ -56,19 +60,11 @@ class MemoryBus:
             self._publish_failures -= 1
             raise BrokerUnavailable("memory bus: injected publish failure")
         self.published.append(message)
+        self.published_at.append(time.time())
         groups = sorted(self._bindings.get(message.topic, ()))
         for group in groups:
             queue = self._queues[group]
-            queue.ready.append(
-                InboundMessage(
-                    body=message.body,
-                    topic=message.topic,
-                    stream=group,
-                    position=next(self._tags),
-                    key=message.key or None,
-                    headers=dict(message.headers),
-                )
-            )
+            queue.ready.append(delivery(message, group, next(self._tags)))
             queue.wake()
         return len(groups)
 
@@ -86,6 +82,18 @@ class MemoryBus:
         """Messages of `group` not yet acked (ready or delivered)."""
         queue = self.queue(group)
         return len(queue.ready) + len(queue.unacked)
+
+
+def delivery(message: OutboundMessage, stream: str, position: int) -> InboundMessage:
+    """`message` as a consumer (or an operator's reader) gets it."""
+    return InboundMessage(
+        body=message.body,
+        topic=message.topic,
+        stream=stream,
+        position=position,
+        key=message.key or None,
+        headers=dict(message.headers),
+    )
 
 
 _BUSES: dict[str, MemoryBus] = {}

@@ -235,34 +235,7 @@ class RabbitMQBroker(Broker):
         # Deliveries come in channel order: the first one's channel open means all are.
         if not _channel_open(deliveries[0]):
             deliveries = [delivery for delivery in deliveries if _channel_open(delivery)]
-        stream = self.settings.consumer_group
-        batch = []
-        for delivery in deliveries:
-            headers = delivery.headers
-            text = (
-                {
-                    name: found
-                    for name, value in headers.items()
-                    if (found := _text(value)) is not None
-                }
-                if headers
-                else {}
-            )
-            if delivery.content_type:  # CloudEvents AMQP binding: the content-type property
-                text[CONTENT_TYPE_HEADER] = delivery.content_type
-            batch.append(
-                InboundMessage(
-                    delivery.body,
-                    delivery.routing_key or "",
-                    stream,
-                    delivery.delivery_tag or 0,
-                    text.get(KEY_HEADER),
-                    text or NO_HEADERS,
-                    bool(delivery.redelivered),
-                    delivery,
-                )
-            )
-        return batch
+        return inbound_messages(deliveries, self.settings.consumer_group)
 
     async def publish(self, messages: Sequence[OutboundMessage]) -> Sequence[OutboundMessage]:
         exchange, dead_letters = self._exchange, self._dead_letters
@@ -348,6 +321,16 @@ class RabbitMQBroker(Broker):
         ready = queue.declaration_result.message_count or 0
         return {self.settings.consumer_group: ready + len(self._buffer)}
 
+    async def open_channel(self) -> AbstractChannel:
+        """A channel of its own on this connection (operator reads: a private queue, or
+        parked messages held unacked until they are settled)."""
+        if self._connection is None:
+            raise BrokerUnavailable("rabbitmq: not connected")
+        try:
+            return await self._connection.channel()
+        except TRANSIENT as error:
+            raise BrokerUnavailable(f"rabbitmq: {error!r}") from error
+
     async def drop_connection_for_tests(self) -> None:
         """Break the connection as a network failure would; robust reconnect follows."""
         assert self._connection is not None and self._connection.transport is not None
@@ -364,6 +347,36 @@ class RabbitMQBroker(Broker):
         self._channel = self._exchange = self._dead_letters = self._unrouted = None
         self._lag_channel = None
         self._consuming = False
+
+
+def inbound_messages(
+    deliveries: Sequence[AbstractIncomingMessage], stream: str
+) -> list[InboundMessage]:
+    """Deliveries as the loop (or an operator's read) gets them: headers as text, the
+    content-type property as the CloudEvents header, the key from its header."""
+    batch = []
+    for delivery in deliveries:
+        headers = delivery.headers
+        text = (
+            {name: found for name, value in headers.items() if (found := _text(value)) is not None}
+            if headers
+            else {}
+        )
+        if delivery.content_type:  # CloudEvents AMQP binding: the content-type property
+            text[CONTENT_TYPE_HEADER] = delivery.content_type
+        batch.append(
+            InboundMessage(
+                delivery.body,
+                delivery.routing_key or "",
+                stream,
+                delivery.delivery_tag or 0,
+                text.get(KEY_HEADER),
+                text or NO_HEADERS,
+                bool(delivery.redelivered),
+                delivery,
+            )
+        )
+    return batch
 
 
 def _amqp_message(message: OutboundMessage) -> aio_pika.Message:
