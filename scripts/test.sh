@@ -14,4 +14,4 @@ if [ "${SKIP_SERVERS:-}" != "1" ]; then
     eval "$(bash scripts/servers.sh start)"
     trap 'bash "$root/scripts/servers.sh" stop' EXIT
 fi
-.venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest --durations=15 "$@"  # the slowest, to keep CI well under 20 min
