@@ -16,7 +16,10 @@ import pytest
 
 from {{ cookiecutter.package_name }}.runtime import Context, DeadLetter, Router, cli
 from {{ cookiecutter.package_name }}.runtime.app import event_registry
-from {{ cookiecutter.package_name }}.runtime.brokers.base import BrokerUnavailable, OutboundMessage
+from {{ cookiecutter.package_name }}.runtime.brokers.base import (
+    BrokerUnavailable,
+    OutboundMessage,
+)
 from {{ cookiecutter.package_name }}.runtime.brokers.memory import MemoryBus, bus_for_url
 from {{ cookiecutter.package_name }}.runtime.brokers.memory_reading import MemoryReader
 from {{ cookiecutter.package_name }}.runtime.config import Settings
