@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable
-from typing import Any
 
 from google.protobuf.wrappers_pb2 import Int64Value, StringValue
 
@@ -18,7 +17,7 @@ from {{ cookiecutter.package_name }}.runtime.brokers.memory import MemoryBroker,
 from {{ cookiecutter.package_name }}.runtime.config import Settings
 from {{ cookiecutter.package_name }}.runtime.envelope import derive_event_id
 from {{ cookiecutter.package_name }}.runtime.loop import MAX_GROUP_MESSAGES, _Batch
-from {{ cookiecutter.package_name }}.runtime.state.base import Fenced
+from {{ cookiecutter.package_name }}.runtime.state.base import Checkpoint, Fence, Fenced
 from {{ cookiecutter.package_name }}.runtime.state.memory import MemoryStateStore
 from {{ cookiecutter.package_name }}.runtime.testing import ServiceHarness
 
@@ -70,10 +69,8 @@ async def test_ack_comes_after_publish_and_checkpoint() -> None:
     journal = Journal()
 
     class JournalingStore(MemoryStateStore):
-        async def commit(
-            self, stream: str, ids: Any, recorded_at: float, fence: int | None, **more: Any
-        ) -> None:
-            await super().commit(stream, ids, recorded_at, fence, **more)
+        async def commit(self, checkpoint: Checkpoint) -> None:
+            await super().commit(checkpoint)
             journal.entries.append("checkpoint")
 
     for value in ("a", "b", "c"):
@@ -102,13 +99,11 @@ async def test_next_batch_is_handled_while_the_last_is_made_durable() -> None:
     commits = 0
 
     class SlowStore(MemoryStateStore):
-        async def commit(
-            self, stream: str, ids: Any, recorded_at: float, fence: int | None, **more: Any
-        ) -> None:
+        async def commit(self, checkpoint: Checkpoint) -> None:
             nonlocal commits
             commits += 1
             await release.wait()
-            await super().commit(stream, ids, recorded_at, fence, **more)
+            await super().commit(checkpoint)
 
     first = await publish_to(bus, router, StringValue(value="first"))
     running = RunningLoop(make_loop(router, bus, SlowStore(1000, 3600, time.time), settings))
@@ -132,10 +127,8 @@ class CountingStore(MemoryStateStore):
         super().__init__(100_000, 3600, time.time)
         self.commits_seen = 0
 
-    async def commit(
-        self, stream: str, ids: Any, recorded_at: float, fence: int | None, **more: Any
-    ) -> None:
-        await super().commit(stream, ids, recorded_at, fence, **more)
+    async def commit(self, checkpoint: Checkpoint) -> None:
+        await super().commit(checkpoint)
         self.commits_seen += 1
 
 
@@ -218,11 +211,11 @@ async def test_a_bus_that_limits_unacked_deliveries_is_not_kept_waiting() -> Non
 def test_a_stream_taken_over_between_two_batches_is_not_written_in_one_group() -> None:
     """A group's write presents one fence per stream: a batch handled under a newer fence
     (the stream was given up and taken over again) starts a group of its own."""
-    first = _Batch(fences={"t:0": 1, "t:1": None})
-    assert first.joins(_Batch(fences={"t:0": 1}))
-    assert first.joins(_Batch(fences={"t:2": 7}))
-    assert not first.joins(_Batch(fences={"t:0": 2}))
-    assert not first.joins(_Batch(fences={"t:1": 3}))
+    first = _Batch(fences={"t:0": Fence("t:0", 1), "t:1": None})
+    assert first.joins(_Batch(fences={"t:0": Fence("t:0", 1)}))
+    assert first.joins(_Batch(fences={"t:2": Fence("t:2", 7)}))
+    assert not first.joins(_Batch(fences={"t:0": Fence("t:0", 2)}))
+    assert not first.joins(_Batch(fences={"t:1": Fence("t:1", 3)}))
 
 
 async def test_a_batch_handled_behind_a_fenced_checkpoint_is_not_acked() -> None:
@@ -233,15 +226,13 @@ async def test_a_batch_handled_behind_a_fenced_checkpoint_is_not_acked() -> None
     refused = False
 
     class UsurpedStore(MemoryStateStore):
-        async def commit(
-            self, stream: str, ids: Any, recorded_at: float, fence: int | None, **more: Any
-        ) -> None:
+        async def commit(self, checkpoint: Checkpoint) -> None:
             nonlocal refused
             if not refused:
                 await release.wait()
                 refused = True
-                raise Fenced(stream)
-            await super().commit(stream, ids, recorded_at, fence, **more)
+                raise Fenced(checkpoint.stream)
+            await super().commit(checkpoint)
 
     await publish_to(bus, router, StringValue(value="first"))
     broker = MemoryBroker(bus, settings.consumer_group, exclusive=True)

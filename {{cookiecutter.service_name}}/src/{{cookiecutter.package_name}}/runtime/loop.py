@@ -68,7 +68,15 @@ from .health import Heartbeat
 from .logs import get_logger
 from .router import Context, Emitted, HandlerSpec, Router
 from .spans import ConsumerSpans
-from .state.base import Fenced, KeyState, StateStore, StateUnavailable
+from .state.base import (
+    Checkpoint,
+    Conflict,
+    Fence,
+    Fenced,
+    KeyState,
+    StateStore,
+    StateUnavailable,
+)
 
 MAX_STATE_BYTES = 64 * 1024  # per key: state travels in every checkpoint that changes it
 STATE_CACHE_KEYS = 10_000  # per exclusive stream; older keys are read again when needed
@@ -91,7 +99,8 @@ class LoopStats:
     acked: int = 0
     batches: int = 0
     shared_lookups: int = 0
-    fenced: int = 0
+    fenced: int = 0  # times unacked work was dropped to rejoin (fenced, or a conflict)
+    conflicts: int = 0  # of those, key-state conflicts on a shared stream
     dead_lettered: Counter[str] = field(default_factory=Counter)
 
 
@@ -154,7 +163,7 @@ class _Batch:
     processed: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))  # ids
     digests: dict[str, list[bytes]] = field(default_factory=lambda: defaultdict(list))
     recorded_at: float = 0.0  # when the batch's ids count as handled
-    fences: dict[str, int | None] = field(default_factory=dict)  # per stream, when handled
+    fences: dict[str, Fence | None] = field(default_factory=dict)  # per stream, when handled
     handled: int = 0
     emitted: int = 0
     duplicates: int = 0
@@ -236,7 +245,7 @@ class ConsumerLoop:
         self._lag_checked_at = 0.0
         self._messaging_system = _messaging_system(settings.broker_url)
         self._windows: dict[str, DedupeWindow] = {}
-        self._fences: dict[str, int | None] = {}
+        self._fences: dict[str, Fence | None] = {}
         self._cursors: dict[str, int] = {}
         self._progress: dict[str, int] = {}  # exclusive streams: next position not yet durable
         self._state_cache: dict[str, OrderedDict[str, KeyState]] = {}  # exclusive streams
@@ -272,8 +281,8 @@ class ConsumerLoop:
                         await self._process_or_drain(batch, stop)
                     elif self._durable is not None and self._durable.done():
                         await self._settle()  # a quiet bus: learn how the last group ended
-                except Fenced as fenced:
-                    await self._rejoin(fenced, topics)
+                except (Fenced, Conflict) as refused:
+                    await self._rejoin(refused, topics)
             await self._drain(self._settle())
         finally:
             await self._abandon_durable()  # a crash or cancellation: no ack behind our back
@@ -343,6 +352,8 @@ class ConsumerLoop:
             self.log.warning("drain deadline passed; unacked messages will be redelivered")
         except Fenced as fenced:
             self.log.error("fenced while stopping; not acking", stream=fenced.stream)
+        except Conflict as conflict:
+            self.log.warning("key state conflict while stopping; not acking", why=str(conflict))
 
     async def _react_then_make_durable(self, batch: Sequence[InboundMessage]) -> None:
         """React to `batch`, then hand it to the group being gathered, or start a group."""
@@ -903,7 +914,7 @@ class ConsumerLoop:
         """First sight of a stream: fence earlier owners, load its dedupe records."""
         for stream in sorted(streams - self._windows.keys()):
             started = time.perf_counter()
-            fence: int | None = None
+            fence: Fence | None = None
             if self.broker.exclusive_streams:
                 fence = await self._until_done("take over", partial(self.state.take_over, stream))
             loaded = await self._until_done("restore", partial(self.state.load, stream))
@@ -942,9 +953,19 @@ class ConsumerLoop:
             self._progress.pop(stream, None)
             self._state_cache.pop(stream, None)
 
-    async def _rejoin(self, fenced: Fenced, topics: list[str]) -> None:
-        """A newer owner took a stream over: drop everything unacked and join again."""
-        self.log.error("fenced; rejoining without acking", stream=fenced.stream, why=str(fenced))
+    async def _rejoin(self, refused: Fenced | Conflict, topics: list[str]) -> None:
+        """Drop everything unacked and join again: a newer owner took a stream over
+        (Fenced), or another replica changed a key's state this one read (Conflict: the
+        batches run again on the newer state)."""
+        if isinstance(refused, Fenced):
+            self.log.error("fenced; rejoining without acking", stream=refused.stream)
+        else:
+            self.stats.conflicts += 1
+            self.log.warning(
+                "key state changed by another replica; rejoining to run again",
+                stream=refused.stream,
+                key=refused.key,
+            )
         self.stats.fenced += 1
         await self._abandon_durable()
         await self.broker.close()
@@ -957,12 +978,14 @@ class ConsumerLoop:
         outcomes = await asyncio.gather(
             *(
                 self.state.commit(
-                    stream,
-                    result.processed.get(stream, []),
-                    result.recorded_at,
-                    result.fences[stream],
-                    progress=result.progress.get(stream),
-                    states=result.states.get(stream),
+                    Checkpoint(
+                        stream,
+                        result.processed.get(stream, ()),
+                        result.recorded_at,
+                        result.fences[stream],
+                        result.progress.get(stream),
+                        result.states.get(stream, {}),
+                    )
                 )
                 for stream in streams
             ),
