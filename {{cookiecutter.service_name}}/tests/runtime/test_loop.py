@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 
 from google.protobuf.wrappers_pb2 import Int64Value, StringValue
 
@@ -12,6 +12,7 @@ from {{ cookiecutter.package_name }}.runtime import Context, DeadLetter, RetryLa
 from {{ cookiecutter.package_name }}.runtime.brokers.base import (
     DLQ_ORIGIN,
     DLQ_REASON,
+    OnRevoked,
 )
 from {{ cookiecutter.package_name }}.runtime.brokers.memory import MemoryBroker, MemoryBus
 from {{ cookiecutter.package_name }}.runtime.config import Settings
@@ -258,20 +259,30 @@ async def test_a_stream_given_up_while_its_batch_is_handled_does_not_stop_the_lo
     settings = fast_settings()
     handled: list[str] = []
     router = Router()
-    loops: list[RunningLoop] = []
+
+    class RevokingBroker(MemoryBroker):
+        """Keeps the loop's `on_revoked`, as the Kafka adapter does."""
+
+        on_revoked: OnRevoked | None = None
+
+        async def start(self, topics: Sequence[str], on_revoked: OnRevoked | None = None) -> None:
+            self.on_revoked = on_revoked
+            await super().start(topics, on_revoked)
+
+    broker = RevokingBroker(bus, settings.consumer_group)
 
     @router.handles(StringValue)
     async def handle(event: StringValue, ctx: Context) -> None:
         if event.value == "given up meanwhile":
-            revoked = loops[0].loop.broker.on_streams_revoked
+            revoked = broker.on_revoked
             assert revoked is not None
             revoked({settings.consumer_group})  # as the Kafka adapter does after a drain
         handled.append(event.value)
 
     bus.bind(settings.consumer_group, router.event_types())
     await publish_to(bus, router, StringValue(value="given up meanwhile"))
-    running = RunningLoop(make_loop(router, bus, MemoryStateStore(1000, 3600, time.time), settings))
-    loops.append(running)
+    store = MemoryStateStore(1000, 3600, time.time)
+    running = RunningLoop(make_loop(router, bus, store, settings, broker))
     await running.wait_until(lambda: bus.pending(settings.consumer_group) == 0)
     await publish_to(bus, router, StringValue(value="next"))
     await running.wait_until(lambda: handled == ["given up meanwhile", "next"])

@@ -243,7 +243,6 @@ class ConsumerLoop:
         self.metrics = telemetry.LoopMetrics(meter_provider)
         self._metering = telemetry.metrics_enabled(meter_provider)
         self._lag_checked_at = 0.0
-        self._messaging_system = _messaging_system(settings.broker_url)
         self._windows: dict[str, DedupeWindow] = {}
         self._fences: dict[str, Fence | None] = {}
         self._cursors: dict[str, int] = {}
@@ -267,8 +266,7 @@ class ConsumerLoop:
         """Consume until `stop` is set, then drain in-flight work within the deadline."""
         await self._until_done("open store", self.state.open)
         topics = [self.settings.topic_for(name) for name in self.router.event_types()]
-        self.broker.on_streams_revoked = self._forget_streams
-        await self._until_done("connect", partial(self.broker.start, topics))
+        await self._until_done("connect", partial(self.broker.start, topics, self._forget_streams))
         self.log.info("started", topics=topics)
         self.started.set()
         try:
@@ -414,7 +412,7 @@ class ConsumerLoop:
         result.outbound.extend(
             dead_letter_message(
                 record,
-                self.settings.dead_letter_topic_for(record.message.topic),
+                self.broker.dead_letter_destination(record.message.topic),
                 self.settings.consumer_group,
             )
             for record in result.dead
@@ -493,7 +491,7 @@ class ConsumerLoop:
                 )
                 result.dead.append(record)
                 result.handled -= 1
-                topic = self.settings.dead_letter_topic_for(source.topic)
+                topic = self.broker.dead_letter_destination(source.topic)
                 parked.append(dead_letter_message(record, topic, self.settings.consumer_group))
         kept = []
         for index, message in enumerate(outbound):
@@ -837,7 +835,7 @@ class ConsumerLoop:
     def _span_attributes(self, message: InboundMessage, envelope: Envelope) -> dict[str, Any]:
         """OpenTelemetry messaging and CloudEvents semantic conventions."""
         attributes: dict[str, Any] = {
-            "messaging.system": self._messaging_system,
+            "messaging.system": self.broker.messaging_system,
             "messaging.operation.type": "process",
             "messaging.operation.name": "process",
             "messaging.destination.name": message.topic,
@@ -849,10 +847,7 @@ class ConsumerLoop:
         }
         if envelope.subject:
             attributes["cloudevents.event_subject"] = envelope.subject
-        topic, _, partition = message.stream.rpartition(":")
-        if topic == message.topic and partition.isdigit():
-            attributes["messaging.destination.partition.id"] = partition
-            attributes["messaging.kafka.offset"] = message.position
+        attributes.update(self.broker.span_attributes(message))
         return attributes
 
     def _trace_emits(self, parent: Envelope, emitted: Sequence[Emitted]) -> None:
@@ -864,7 +859,7 @@ class ConsumerLoop:
                 f"send {topic}",
                 kind=SpanKind.PRODUCER,
                 attributes={
-                    "messaging.system": self._messaging_system,
+                    "messaging.system": self.broker.messaging_system,
                     "messaging.operation.type": "send",
                     "messaging.operation.name": "send",
                     "messaging.destination.name": topic,
@@ -970,7 +965,7 @@ class ConsumerLoop:
         await self._abandon_durable()
         await self.broker.close()
         self._forget_streams(set(self._windows))
-        await self._until_done("connect", partial(self.broker.start, topics))
+        await self._until_done("connect", partial(self.broker.start, topics, self._forget_streams))
 
     async def _commit(self, result: _Batch) -> None:
         """One store write per stream: ids, progress and changed key state together."""
@@ -1060,8 +1055,3 @@ def _cut_to_fit(dead_letter: OutboundMessage, limits: PublishLimits) -> Outbound
 def _is_transient(error: BaseException) -> bool:
     """Retry handler errors, but never DeadLetter, and never cancellation (a stop or crash)."""
     return isinstance(error, Exception) and not isinstance(error, DeadLetter)
-
-
-def _messaging_system(broker_url: str) -> str:
-    scheme = broker_url.split(":", 1)[0]
-    return {"amqp": "rabbitmq", "amqps": "rabbitmq"}.get(scheme, scheme)
