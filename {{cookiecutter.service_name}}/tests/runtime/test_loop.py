@@ -17,7 +17,8 @@ from {{ cookiecutter.package_name }}.runtime.brokers.base import (
 from {{ cookiecutter.package_name }}.runtime.brokers.memory import MemoryBroker, MemoryBus
 from {{ cookiecutter.package_name }}.runtime.config import Settings
 from {{ cookiecutter.package_name }}.runtime.envelope import derive_event_id
-from {{ cookiecutter.package_name }}.runtime.loop import MAX_GROUP_MESSAGES, _Batch
+from {{ cookiecutter.package_name }}.runtime.loop import MAX_GROUP_MESSAGES
+from {{ cookiecutter.package_name }}.runtime.reaction import Reaction
 from {{ cookiecutter.package_name }}.runtime.state.base import Checkpoint, Fence, Fenced
 from {{ cookiecutter.package_name }}.runtime.state.memory import MemoryStateStore
 from {{ cookiecutter.package_name }}.runtime.testing import ServiceHarness
@@ -212,11 +213,11 @@ async def test_a_bus_that_limits_unacked_deliveries_is_not_kept_waiting() -> Non
 def test_a_stream_taken_over_between_two_batches_is_not_written_in_one_group() -> None:
     """A group's write presents one fence per stream: a batch handled under a newer fence
     (the stream was given up and taken over again) starts a group of its own."""
-    first = _Batch(fences={"t:0": Fence("t:0", 1), "t:1": None})
-    assert first.joins(_Batch(fences={"t:0": Fence("t:0", 1)}))
-    assert first.joins(_Batch(fences={"t:2": Fence("t:2", 7)}))
-    assert not first.joins(_Batch(fences={"t:0": Fence("t:0", 2)}))
-    assert not first.joins(_Batch(fences={"t:1": Fence("t:1", 3)}))
+    first = Reaction(fences={"t:0": Fence("t:0", 1), "t:1": None})
+    assert first.joins(Reaction(fences={"t:0": Fence("t:0", 1)}))
+    assert first.joins(Reaction(fences={"t:2": Fence("t:2", 7)}))
+    assert not first.joins(Reaction(fences={"t:0": Fence("t:0", 2)}))
+    assert not first.joins(Reaction(fences={"t:1": Fence("t:1", 3)}))
 
 
 async def test_a_batch_handled_behind_a_fenced_checkpoint_is_not_acked() -> None:
