@@ -84,7 +84,8 @@ class KeyStates:
         missing: dict[str, list[str]] = defaultdict(list)
         for (stream, key), items in work.items():
             if any(item.spec.stateful for item in items):
-                cached = streams[stream].cached_state(key)
+                held = streams.get(stream)  # None: given up in a rebalance meanwhile
+                cached = held.cached_state(key) if held is not None else None
                 if cached is not None:
                     found[stream][key] = cached
                 else:
