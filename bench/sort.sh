@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Decode + dedupe step benchmark (ConsumerLoop._sort, CPU time per event): bakes a service
+# Decode + dedupe step benchmark (Intake.decode_and_dedupe in runtime/intake.py, CPU time per event): bakes a service
 # and runs bench/sort_bench.py in it. Extra arguments go to the script (--batch, --rounds).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -1,7 +1,7 @@
-"""Decode + dedupe step (ConsumerLoop._sort) per message: run with a baked service's
+"""Decode + dedupe step (runtime/intake.py) per message: run with a baked service's
 interpreter, from its folder.   python sort_bench.py PACKAGE [--batch 500] [--rounds 15]
 
-Times _sort over one batch of fresh events (every id new, so each is decoded, digested,
+Times Intake.decode_and_dedupe over one batch of fresh events (every id new, so each is decoded, digested,
 looked up and grouped), best of --rounds repeats of 200 batches, in CPU (process time)
 ns per message."""
 
@@ -19,7 +19,7 @@ parser.add_argument("--rounds", type=int, default=15)
 args = parser.parse_args()
 
 app = importlib.import_module(f"{args.package}.runtime.app")
-loop_module = importlib.import_module(f"{args.package}.runtime.loop")
+reaction_module = importlib.import_module(f"{args.package}.runtime.reaction")
 brokers = importlib.import_module(f"{args.package}.runtime.brokers")
 base = importlib.import_module(f"{args.package}.runtime.brokers.base")
 config = importlib.import_module(f"{args.package}.runtime.config")
@@ -35,7 +35,7 @@ async def main() -> None:
     event_type = router.event_types()[0]
     message_type = app.event_registry(router).get(event_type)
     await loop.state.open()
-    await loop._restore({"s"})
+    await loop.streams.restore({"s"})
     batches = []
     for b in range(200):
         batch = []
@@ -54,9 +54,9 @@ async def main() -> None:
     for _ in range(args.rounds):
         started = time.process_time()
         for batch in batches:
-            loop._sort(batch, loop_module._Batch())
+            loop.intake.decode_and_dedupe(batch, loop.streams, reaction_module.Reaction())
         best = min(best, time.process_time() - started)
-    print(f"_sort: {best / (200 * args.batch) * 1e9:.0f} ns per message (best of {args.rounds})")
+    print(f"decode_and_dedupe: {best / (200 * args.batch) * 1e9:.0f} ns per message (best of {args.rounds})")
 
 
 asyncio.run(main())

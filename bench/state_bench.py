@@ -56,11 +56,9 @@ class CountingStore:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    async def commit(
-        self, stream: str, ids: Any, recorded_at: float, fence: Any, **more: Any
-    ) -> None:
+    async def commit(self, checkpoint: Any) -> None:
         self.commits += 1
-        await self.inner.commit(stream, ids, recorded_at, fence, **more)
+        await self.inner.commit(checkpoint)
 
 
 async def write_rate(rate: int) -> dict[str, float]:
@@ -129,7 +127,7 @@ async def restore_seconds(url: str, count: int) -> dict[str, float]:
     batch = 5000
     for start in range(0, count, batch):
         ids = [str(uuid.UUID(int=n)) for n in range(start, start + batch)]
-        await store.commit("s", ids, now, None)
+        await store.commit(state_module.Checkpoint("s", ids, now))
     write_s = time.perf_counter() - written
     await store.close()
 

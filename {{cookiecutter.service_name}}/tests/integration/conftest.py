@@ -202,7 +202,7 @@ async def fetch_at_least(
     got: list[InboundMessage] = []
     async with asyncio.timeout(deadline_s):
         while len(got) < count:
-            got += await broker.fetch(count - len(got), 0.2)
+            got += await broker.fetch_batch(count - len(got), 0.2, 0)
     return got
 
 
@@ -212,7 +212,7 @@ async def fetch_for(broker: Broker, seconds: float) -> list[InboundMessage]:
     loop = asyncio.get_running_loop()
     end = loop.time() + seconds
     while loop.time() < end:
-        got += await broker.fetch(100, 0.1)
+        got += await broker.fetch_batch(100, 0.1, 0)
     return got
 
 

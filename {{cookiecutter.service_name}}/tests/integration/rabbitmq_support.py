@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 
 import aio_pika
 
+from {{ cookiecutter.package_name }}.runtime.brokers.rabbitmq import RabbitMQBroker
 from {{ cookiecutter.package_name }}.runtime.config import Settings
 
 # Reading stops once this says the parked messages seen so far are enough.
@@ -73,3 +74,10 @@ async def waiting_for(settings: Settings, topic: str) -> int:
         return queue.declaration_result.message_count or 0
     finally:
         await connection.close()
+
+
+async def drop_connection(broker: RabbitMQBroker) -> None:
+    """Break the broker's connection as a network failure would; robust reconnect follows."""
+    connection = broker._connection
+    assert connection is not None and connection.transport is not None
+    await connection.transport.connection.close(ConnectionError("dropped by a test"))

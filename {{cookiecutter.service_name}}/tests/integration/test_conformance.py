@@ -21,6 +21,7 @@ from {{ cookiecutter.package_name }}.runtime.brokers.base import (
     DLQ_TRUNCATED,
     Broker,
     InboundMessage,
+    OnRevoked,
     OutboundMessage,
 )
 from {{ cookiecutter.package_name }}.runtime.config import Settings
@@ -199,12 +200,18 @@ class JournalingBroker(Broker):
     def __init__(self, inner: Broker, journal: list[str]) -> None:
         self.inner = inner
         self.journal = journal
+        self.messaging_system = inner.messaging_system
 
-    async def start(self, topics: Sequence[str]) -> None:
-        await self.inner.start(topics)
+    async def start(self, topics: Sequence[str], on_revoked: OnRevoked | None = None) -> None:
+        await self.inner.start(topics, on_revoked)
 
-    async def fetch(self, max_messages: int, max_wait_s: float) -> list[InboundMessage]:
-        return await self.inner.fetch(max_messages, max_wait_s)
+    async def fetch_batch(
+        self, max_messages: int, first_wait_s: float, fill_until: float
+    ) -> list[InboundMessage]:
+        return await self.inner.fetch_batch(max_messages, first_wait_s, fill_until)
+
+    def dead_letter_destination(self, topic: str) -> str:
+        return self.inner.dead_letter_destination(topic)
 
     async def publish(self, messages: Sequence[OutboundMessage]) -> Sequence[OutboundMessage]:
         unrouted = await self.inner.publish(messages)

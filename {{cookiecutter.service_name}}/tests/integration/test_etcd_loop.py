@@ -32,7 +32,7 @@ from {{ cookiecutter.package_name }}.runtime.state import (
     StateUnavailable,
     open_state_store,
 )
-from {{ cookiecutter.package_name }}.runtime.state.base import KeyState
+from {{ cookiecutter.package_name }}.runtime.state.base import Checkpoint, KeyState
 from {{ cookiecutter.package_name }}.runtime.testing import ServiceHarness
 
 from ..runtime.conftest import FAST, RunningLoop
@@ -182,7 +182,7 @@ async def test_a_call_in_flight_outlives_another_calls_failure(
     """A Kafka service reads several partitions' state at once on one connection: one
     call's failure must not cancel the others (a CancelledError used to end the process)."""
     store = open_state_store(Settings(state_url=etcd.url, consumer_group=group))
-    await store.commit("p0", [], time.time(), None, states={"k": KeyState(b'{"n":1}')})
+    await store.commit(Checkpoint("p0", states={"k": KeyState(b'{"n":1}')}))
     assert etcd.process is not None
     etcd.process.send_signal(signal.SIGSTOP)  # no answers: the read below stays in flight
     try:
@@ -289,7 +289,7 @@ async def test_etcd_over_mutual_tls_uses_the_configured_ca_and_certificate(
     monkeypatch.setenv(f"{ENV_PREFIX}ETCD_TLS_CERT_FILE", str(tls_etcd.tls["client_cert"]))
     monkeypatch.setenv(f"{ENV_PREFIX}ETCD_TLS_KEY_FILE", str(tls_etcd.tls["client_key"]))
     store = open_state_store(settings)
-    await store.commit("s", ["over-tls"], time.time(), None)
+    await store.commit(Checkpoint("s", ["over-tls"], time.time()))
     assert [event_id for event_id, _ in (await store.load("s")).records] == ["over-tls"]
     await store.close()
 

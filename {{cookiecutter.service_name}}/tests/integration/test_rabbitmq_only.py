@@ -27,6 +27,7 @@ from {{ cookiecutter.package_name }}.runtime.envelope import CONTENT_TYPE
 from {{ cookiecutter.package_name }}.runtime.errors import ConfigError
 
 from .conftest import Backend, fetch_at_least, fetch_for, run_cli
+from .rabbitmq_support import drop_connection
 from .test_conformance import INT_TYPE, publish, relay_one_event
 from .tls_support import make_certificates
 
@@ -60,7 +61,7 @@ async def test_after_a_reconnect_old_deliveries_are_redelivered_never_acked(
     await publish(backend, settings, [OutboundMessage(topic, b"m0"), OutboundMessage(topic, b"m1")])
     before = await fetch_at_least(consumer, 2)
 
-    await consumer.drop_connection_for_tests()
+    await drop_connection(consumer)
     await consumer.ack(before)  # their tags died with the old channel: skipped, not sent
 
     again = await fetch_at_least(consumer, 2, deadline_s=60)

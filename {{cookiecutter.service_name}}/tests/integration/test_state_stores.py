@@ -19,7 +19,7 @@ from {{ cookiecutter.package_name }}.runtime.state import (
     StateStore,
     open_state_store,
 )
-from {{ cookiecutter.package_name }}.runtime.state.base import Conflict, KeyState
+from {{ cookiecutter.package_name }}.runtime.state.base import Checkpoint, Conflict, KeyState
 
 StoreFactory = Callable[..., StateStore]
 
@@ -67,7 +67,7 @@ def ids(records: list[tuple[str, float]]) -> list[str]:
 async def test_records_outlive_the_client_that_wrote_them(new_store: StoreFactory) -> None:
     writer = new_store()
     await writer.open()
-    await writer.commit("s", ["a", "b"], time.time(), None)
+    await writer.commit(Checkpoint("s", ["a", "b"], time.time(), None))
     await writer.close()
 
     reader = new_store()
@@ -80,9 +80,9 @@ async def test_later_loads_return_what_other_writers_added(new_store: StoreFacto
     first, second = new_store(), new_store()
     await first.open()
     await second.open()
-    await first.commit("shared", ["a"], time.time(), None)
+    await first.commit(Checkpoint("shared", ["a"], time.time(), None))
     cursor = (await second.load("shared")).cursor
-    await first.commit("shared", ["b", "c"], time.time(), None)
+    await first.commit(Checkpoint("shared", ["b", "c"], time.time(), None))
     newer = await second.load("shared", after=cursor)
     assert {"b", "c"} <= set(ids(newer.records))
 
@@ -92,13 +92,13 @@ async def test_a_stale_owner_cannot_overwrite_after_a_take_over(new_store: Store
     await old_owner.open()
     await new_owner.open()
     old_token = await old_owner.take_over("partition-0")
-    await old_owner.commit("partition-0", ["a"], time.time(), old_token)
+    await old_owner.commit(Checkpoint("partition-0", ["a"], time.time(), old_token))
 
     new_token = await new_owner.take_over("partition-0")  # a rebalance moved the partition
     assert "a" in ids((await new_owner.load("partition-0")).records)  # state handed over
     with pytest.raises(Fenced):
-        await old_owner.commit("partition-0", ["late"], time.time(), old_token)
-    await new_owner.commit("partition-0", ["b"], time.time(), new_token)
+        await old_owner.commit(Checkpoint("partition-0", ["late"], time.time(), old_token))
+    await new_owner.commit(Checkpoint("partition-0", ["b"], time.time(), new_token))
     assert "late" not in ids((await new_owner.load("partition-0")).records)
 
 
@@ -107,7 +107,7 @@ async def test_the_horizon_bounds_what_is_kept(new_store: StoreFactory) -> None:
     await store.open()
     for batch in range(10):
         now = time.time()
-        await store.commit("s", [f"e{batch}-{n}" for n in range(10)], now, None)
+        await store.commit(Checkpoint("s", [f"e{batch}-{n}" for n in range(10)], now, None))
     kept = ids((await store.load("s")).records)
     assert 30 <= len(kept) <= 40  # count horizon, at batch granularity
     assert "e9-9" in kept and "e0-0" not in kept
@@ -117,12 +117,14 @@ async def test_the_horizon_holds_across_a_restart(new_store: StoreFactory) -> No
     first = new_store(max_ids=30, ttl_s=3600)
     await first.open()
     for batch in range(5):
-        await first.commit("s", [f"a{batch}-{n}" for n in range(10)], time.time(), None)
+        await first.commit(Checkpoint("s", [f"a{batch}-{n}" for n in range(10)], time.time(), None))
     second = new_store(max_ids=30, ttl_s=3600)  # a new process: learns what is kept
     await second.open()
     await second.load("s")
     for batch in range(5):
-        await second.commit("s", [f"b{batch}-{n}" for n in range(10)], time.time(), None)
+        await second.commit(
+            Checkpoint("s", [f"b{batch}-{n}" for n in range(10)], time.time(), None)
+        )
     kept = ids((await second.load("s")).records)
     assert 30 <= len(kept) <= 40
     assert "b4-9" in kept and "a4-9" not in kept
@@ -131,7 +133,7 @@ async def test_the_horizon_holds_across_a_restart(new_store: StoreFactory) -> No
 async def test_old_records_expire(new_store: StoreFactory) -> None:
     store = new_store(ttl_s=1.0)
     await store.open()
-    await store.commit("s", ["old"], time.time(), None)
+    await store.commit(Checkpoint("s", ["old"], time.time(), None))
     await asyncio.sleep(1.5)
     assert (await store.load("s")).records == []
 
@@ -141,7 +143,7 @@ async def test_progress_and_key_state_are_committed_with_the_ids(new_store: Stor
     await writer.open()
     token = await writer.take_over("p")
     state = KeyState(b'{"n":1}', ("a",))
-    await writer.commit("p", ["a"], time.time(), token, progress=7, states={"k": state})
+    await writer.commit(Checkpoint("p", ["a"], time.time(), token, progress=7, states={"k": state}))
     await reader.open()
     loaded = await reader.load("p")
     assert (ids(loaded.records), loaded.progress) == (["a"], 7)
@@ -151,7 +153,7 @@ async def test_progress_and_key_state_are_committed_with_the_ids(new_store: Stor
     assert (await reader.load("never-written")).progress is None
 
     emptied = {"k": KeyState(None, ("b",), found["k"].version)}
-    await writer.commit("p", ["b"], time.time(), token, progress=8, states=emptied)
+    await writer.commit(Checkpoint("p", ["b"], time.time(), token, progress=8, states=emptied))
     found = await reader.load_states("p", ["k"])
     assert (found["k"].value, found["k"].applied) == (None, ("b",))
 
@@ -163,19 +165,23 @@ async def test_a_stale_key_state_is_not_overwritten(new_store: StoreFactory) -> 
     read_by_first = (await first.load_states("q", ["k"]))["k"]
     read_by_second = (await second.load_states("q", ["k"]))["k"]
     await second.commit(
-        "q",
-        ["b"],
-        time.time(),
-        None,
-        states={"k": KeyState(b"2", ("b",), read_by_second.version)},
+        Checkpoint(
+            "q",
+            ["b"],
+            time.time(),
+            None,
+            states={"k": KeyState(b"2", ("b",), read_by_second.version)},
+        )
     )
     with pytest.raises(Conflict):
         await first.commit(
-            "q",
-            ["a"],
-            time.time(),
-            None,
-            states={"k": KeyState(b"1", ("a",), read_by_first.version)},
+            Checkpoint(
+                "q",
+                ["a"],
+                time.time(),
+                None,
+                states={"k": KeyState(b"1", ("a",), read_by_first.version)},
+            )
         )
     assert (await first.load_states("q", ["k"]))["k"].value == b"2"
 
@@ -189,7 +195,7 @@ async def test_a_large_commit_is_written_whole(new_store: StoreFactory) -> None:
     processed = [f"{uuid.uuid4()}-{n}" for n in range(30_000)]  # ~1.4 MB of ids
     blob = b'"' + b"x" * 20_000 + b'"'
     states = {f"key-{n}": KeyState(blob, (processed[n],)) for n in range(300)}  # ~6 MB
-    await store.commit("big", processed, now, token, progress=30_000, states=states)
+    await store.commit(Checkpoint("big", processed, now, token, progress=30_000, states=states))
     loaded = await store.load("big")
     assert (len(loaded.records), loaded.progress) == (30_000, 30_000)
     found = await store.load_states("big", list(states))

@@ -71,11 +71,13 @@ class GatedBroker(MemoryBroker):
         self.gate.set()
         self.hang_acks = False
 
-    async def fetch(self, max_messages: int, max_wait_s: float) -> list[InboundMessage]:
+    async def fetch_batch(
+        self, max_messages: int, first_wait_s: float, fill_until: float
+    ) -> list[InboundMessage]:
         if not self.gate.is_set():
-            await asyncio.sleep(max_wait_s)
+            await asyncio.sleep(first_wait_s)
             return []
-        return await super().fetch(max_messages, max_wait_s)
+        return await super().fetch_batch(max_messages, first_wait_s, fill_until)
 
     async def ack(self, messages: Any) -> None:
         if self.hang_acks:

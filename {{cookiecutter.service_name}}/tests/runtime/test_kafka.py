@@ -126,7 +126,7 @@ async def test_read_ahead_is_handed_out_by_batch_and_dropped_with_revoked_partit
     consumer = FakeConsumer({p0: [0, 1, 2, 3, 4], p1: [0, 1, 2]})
     broker._consumer = consumer
 
-    first = await broker.fetch(3, 0)
+    first = await broker.fetch_batch(3, 0, 0)
     assert [(m.stream, m.position) for m in first] == [("t:0", 0), ("t:0", 1), ("t:0", 2)]
     assert consumer.getmany_calls == 1
     assert broker._offsets[p0].delivered == [0, 1, 2] and not broker._offsets[p1].delivered
@@ -135,10 +135,10 @@ async def test_read_ahead_is_handed_out_by_batch_and_dropped_with_revoked_partit
     await broker.ack(first)
     assert consumer.committed == {p0: 3}
     await broker.revoke({p1})  # drained at once: nothing delivered is unacked
-    rest = await broker.fetch(10, 0)
+    rest = await broker.fetch_batch(10, 0, 0)
     assert [(m.stream, m.position) for m in rest] == [("t:0", 3), ("t:0", 4)]
     assert consumer.getmany_calls == 1
-    assert await broker.fetch(10, 0) == []
+    assert await broker.fetch_batch(10, 0, 0) == []
     assert consumer.getmany_calls == 2
 
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
 
 import pytest
 from google.protobuf.wrappers_pb2 import StringValue
@@ -14,7 +12,7 @@ from google.protobuf.wrappers_pb2 import StringValue
 from {{ cookiecutter.package_name }}.runtime import Context, DeadLetter, RetryLater, Router
 from {{ cookiecutter.package_name }}.runtime.brokers.memory import MemoryBus
 from {{ cookiecutter.package_name }}.runtime.loop import MAX_STATE_BYTES
-from {{ cookiecutter.package_name }}.runtime.state.base import KeyState
+from {{ cookiecutter.package_name }}.runtime.state.base import Checkpoint, KeyState
 from {{ cookiecutter.package_name }}.runtime.state.memory import MemoryStateStore
 from {{ cookiecutter.package_name }}.runtime.testing import ServiceHarness
 
@@ -164,13 +162,11 @@ class StateFirstStore(MemoryStateStore):
 
     crash_after_states = True
 
-    async def commit(
-        self, stream: str, ids: Sequence[str], recorded_at: float, fence: int | None, **more: Any
-    ) -> None:
-        if self.crash_after_states and more.get("states"):
-            await super().commit(stream, [], recorded_at, fence, states=more["states"])
+    async def commit(self, checkpoint: Checkpoint) -> None:
+        if self.crash_after_states and checkpoint.states:
+            await super().commit(replace(checkpoint, ids=(), progress=None))
             await asyncio.Event().wait()  # killed here
-        await super().commit(stream, ids, recorded_at, fence, **more)
+        await super().commit(checkpoint)
 
 
 @pytest.mark.parametrize("exclusive", [False, True])
@@ -203,14 +199,14 @@ class RacedStore(MemoryStateStore):
 
     raced = False
 
-    async def commit(
-        self, stream: str, ids: Sequence[str], recorded_at: float, fence: int | None, **more: Any
-    ) -> None:
+    async def commit(self, checkpoint: Checkpoint) -> None:
         if not self.raced:
             self.raced = True
             newer = {"k": KeyState(b'{"count":41}', ("other",), 0)}
-            await super().commit(stream, ["other"], time.time(), None, states=newer)
-        await super().commit(stream, ids, recorded_at, fence, **more)
+            await super().commit(
+                Checkpoint(checkpoint.stream, ["other"], time.time(), states=newer)
+            )
+        await super().commit(checkpoint)
 
 
 async def test_a_replica_that_read_stale_state_does_not_overwrite_it() -> None:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable
-from typing import Any
+from collections.abc import Awaitable, Sequence
 
 from google.protobuf.wrappers_pb2 import Int64Value, StringValue
 
@@ -13,12 +12,14 @@ from {{ cookiecutter.package_name }}.runtime import Context, DeadLetter, RetryLa
 from {{ cookiecutter.package_name }}.runtime.brokers.base import (
     DLQ_ORIGIN,
     DLQ_REASON,
+    OnRevoked,
 )
 from {{ cookiecutter.package_name }}.runtime.brokers.memory import MemoryBroker, MemoryBus
 from {{ cookiecutter.package_name }}.runtime.config import Settings
 from {{ cookiecutter.package_name }}.runtime.envelope import derive_event_id
-from {{ cookiecutter.package_name }}.runtime.loop import MAX_GROUP_MESSAGES, _Batch
-from {{ cookiecutter.package_name }}.runtime.state.base import Fenced
+from {{ cookiecutter.package_name }}.runtime.loop import MAX_GROUP_MESSAGES
+from {{ cookiecutter.package_name }}.runtime.reaction import Reaction
+from {{ cookiecutter.package_name }}.runtime.state.base import Checkpoint, Fence, Fenced
 from {{ cookiecutter.package_name }}.runtime.state.memory import MemoryStateStore
 from {{ cookiecutter.package_name }}.runtime.testing import ServiceHarness
 
@@ -70,10 +71,8 @@ async def test_ack_comes_after_publish_and_checkpoint() -> None:
     journal = Journal()
 
     class JournalingStore(MemoryStateStore):
-        async def commit(
-            self, stream: str, ids: Any, recorded_at: float, fence: int | None, **more: Any
-        ) -> None:
-            await super().commit(stream, ids, recorded_at, fence, **more)
+        async def commit(self, checkpoint: Checkpoint) -> None:
+            await super().commit(checkpoint)
             journal.entries.append("checkpoint")
 
     for value in ("a", "b", "c"):
@@ -102,13 +101,11 @@ async def test_next_batch_is_handled_while_the_last_is_made_durable() -> None:
     commits = 0
 
     class SlowStore(MemoryStateStore):
-        async def commit(
-            self, stream: str, ids: Any, recorded_at: float, fence: int | None, **more: Any
-        ) -> None:
+        async def commit(self, checkpoint: Checkpoint) -> None:
             nonlocal commits
             commits += 1
             await release.wait()
-            await super().commit(stream, ids, recorded_at, fence, **more)
+            await super().commit(checkpoint)
 
     first = await publish_to(bus, router, StringValue(value="first"))
     running = RunningLoop(make_loop(router, bus, SlowStore(1000, 3600, time.time), settings))
@@ -132,10 +129,8 @@ class CountingStore(MemoryStateStore):
         super().__init__(100_000, 3600, time.time)
         self.commits_seen = 0
 
-    async def commit(
-        self, stream: str, ids: Any, recorded_at: float, fence: int | None, **more: Any
-    ) -> None:
-        await super().commit(stream, ids, recorded_at, fence, **more)
+    async def commit(self, checkpoint: Checkpoint) -> None:
+        await super().commit(checkpoint)
         self.commits_seen += 1
 
 
@@ -218,11 +213,11 @@ async def test_a_bus_that_limits_unacked_deliveries_is_not_kept_waiting() -> Non
 def test_a_stream_taken_over_between_two_batches_is_not_written_in_one_group() -> None:
     """A group's write presents one fence per stream: a batch handled under a newer fence
     (the stream was given up and taken over again) starts a group of its own."""
-    first = _Batch(fences={"t:0": 1, "t:1": None})
-    assert first.joins(_Batch(fences={"t:0": 1}))
-    assert first.joins(_Batch(fences={"t:2": 7}))
-    assert not first.joins(_Batch(fences={"t:0": 2}))
-    assert not first.joins(_Batch(fences={"t:1": 3}))
+    first = Reaction(fences={"t:0": Fence("t:0", 1), "t:1": None})
+    assert first.joins(Reaction(fences={"t:0": Fence("t:0", 1)}))
+    assert first.joins(Reaction(fences={"t:2": Fence("t:2", 7)}))
+    assert not first.joins(Reaction(fences={"t:0": Fence("t:0", 2)}))
+    assert not first.joins(Reaction(fences={"t:1": Fence("t:1", 3)}))
 
 
 async def test_a_batch_handled_behind_a_fenced_checkpoint_is_not_acked() -> None:
@@ -233,15 +228,13 @@ async def test_a_batch_handled_behind_a_fenced_checkpoint_is_not_acked() -> None
     refused = False
 
     class UsurpedStore(MemoryStateStore):
-        async def commit(
-            self, stream: str, ids: Any, recorded_at: float, fence: int | None, **more: Any
-        ) -> None:
+        async def commit(self, checkpoint: Checkpoint) -> None:
             nonlocal refused
             if not refused:
                 await release.wait()
                 refused = True
-                raise Fenced(stream)
-            await super().commit(stream, ids, recorded_at, fence, **more)
+                raise Fenced(checkpoint.stream)
+            await super().commit(checkpoint)
 
     await publish_to(bus, router, StringValue(value="first"))
     broker = MemoryBroker(bus, settings.consumer_group, exclusive=True)
@@ -267,20 +260,30 @@ async def test_a_stream_given_up_while_its_batch_is_handled_does_not_stop_the_lo
     settings = fast_settings()
     handled: list[str] = []
     router = Router()
-    loops: list[RunningLoop] = []
+
+    class RevokingBroker(MemoryBroker):
+        """Keeps the loop's `on_revoked`, as the Kafka adapter does."""
+
+        on_revoked: OnRevoked | None = None
+
+        async def start(self, topics: Sequence[str], on_revoked: OnRevoked | None = None) -> None:
+            self.on_revoked = on_revoked
+            await super().start(topics, on_revoked)
+
+    broker = RevokingBroker(bus, settings.consumer_group)
 
     @router.handles(StringValue)
     async def handle(event: StringValue, ctx: Context) -> None:
         if event.value == "given up meanwhile":
-            revoked = loops[0].loop.broker.on_streams_revoked
+            revoked = broker.on_revoked
             assert revoked is not None
             revoked({settings.consumer_group})  # as the Kafka adapter does after a drain
         handled.append(event.value)
 
     bus.bind(settings.consumer_group, router.event_types())
     await publish_to(bus, router, StringValue(value="given up meanwhile"))
-    running = RunningLoop(make_loop(router, bus, MemoryStateStore(1000, 3600, time.time), settings))
-    loops.append(running)
+    store = MemoryStateStore(1000, 3600, time.time)
+    running = RunningLoop(make_loop(router, bus, store, settings, broker))
     await running.wait_until(lambda: bus.pending(settings.consumer_group) == 0)
     await publish_to(bus, router, StringValue(value="next"))
     await running.wait_until(lambda: handled == ["given up meanwhile", "next"])

@@ -23,6 +23,7 @@ ENV_PREFIX = f"{PACKAGE_NAME.upper()}_"
 BROKER_SCHEMES = ("memory", "kafka", "amqp", "amqps")
 STATE_SCHEMES = ("memory", "sqlite", "etcd")
 S = TypeVar("S", bound=BaseSettings)
+DEFAULT_DEAD_LETTER_TOPIC = "{topic}.dlq"
 
 
 def _check_url(value: str, schemes: tuple[str, ...], example: str) -> str:
@@ -31,6 +32,11 @@ def _check_url(value: str, schemes: tuple[str, ...], example: str) -> str:
         allowed = ", ".join(f"{s}://" for s in schemes)
         raise ValueError(f"unknown scheme in {value!r}; use one of {allowed} (e.g. {example})")
     return value
+
+
+def dead_letter_topic(template: str, topic: str, group: str) -> str:
+    """DEAD_LETTER_TOPIC's `template` for messages from `topic` consumed by `group`."""
+    return template.format(topic=topic, group=group)
 
 
 class Settings(BaseSettings):
@@ -45,7 +51,8 @@ class Settings(BaseSettings):
         f"urn:service:{SERVICE_NAME}", description="CloudEvents `source` of emitted events"
     )
     dead_letter_topic: str = Field(
-        "{topic}.dlq", description="Kafka dead-letter topic; {topic} and {group} are replaced"
+        DEFAULT_DEAD_LETTER_TOPIC,
+        description="Kafka dead-letter topic; {topic} and {group} are replaced",
     )
     topic_prefix: str = Field("", description="Prepended to every topic / routing key")
     batch_size: int = Field(500, gt=0, le=100_000, description="Max messages per batch")
@@ -107,7 +114,7 @@ class Settings(BaseSettings):
 
     def dead_letter_topic_for(self, topic: str) -> str:
         """Where messages from `topic` are parked (Kafka topic; the memory bus too)."""
-        return self.dead_letter_topic.format(topic=topic, group=self.consumer_group)
+        return dead_letter_topic(self.dead_letter_topic, topic, self.consumer_group)
 
     @property
     def dead_letter_queue(self) -> str:

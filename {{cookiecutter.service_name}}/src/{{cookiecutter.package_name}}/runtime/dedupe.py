@@ -1,16 +1,13 @@
 """The dedupe window: ids handled recently, bounded by count and by age.
 
 Memory is what bounds a window of a million ids, so ids are not kept as strings: each is
-a 128-bit XXH3 digest (16 bytes in a bytes object of 49) in one set, and ids recorded
-together share a bucket holding their time. About 90 bytes per remembered id in all (an
-int would take 44 instead of 49, but turning the digest into one costs more per event
-than the digest itself). A collision between two ids would need ~2^64 ids in one window;
-a false "duplicate" is not a practical risk.
+a 128-bit XXH3 digest in one set, and ids recorded together share a bucket holding their
+time (about 90 bytes per remembered id; docs/performance.md). A collision between two ids
+would need ~2^64 ids in one window; a false "duplicate" is not a practical risk.
 
 Digests never leave the process (stores keep the ids themselves, and a restart rebuilds
 the window from them), so each process seeds the hash with a secret of its own: ids that
-collide cannot be prepared from outside. XXH3 rather than BLAKE2b: a tenth of the cost
-per id, on every event and on every id of a restore.
+collide cannot be prepared from outside.
 """
 
 from __future__ import annotations

@@ -1,16 +1,14 @@
 """The consumer span of each message, as the tracer's `start_span` would make it, and
-cheaper when the sampler drops it.
+cheaper when the sampler drops it (docs/performance.md has the figures).
 
-The SDK's `start_span` costs about 2.9 us for a span its sampler drops (1 us of it the
-sampler); at 1 % sampling that was most of what tracing added to the loop. With the
-SDK's parent-based samplers (OTEL_TRACES_SAMPLER=parentbased_traceidratio, or
+With the SDK's parent-based samplers (OTEL_TRACES_SAMPLER=parentbased_traceidratio, or
 parentbased_always_on / _off) and a provider whose id generator is `ChosenTraceIds`
 (`telemetry.tracer_provider`, as the service configures it), `ConsumerSpans` makes the
 sampler's decision itself, as those samplers do, and builds a dropped span without the
-SDK: the same ids, flags and trace state, in about 0.5 us. Spans the sampler keeps are
-started by the SDK on the trace id the decision was made on; any other sampler, or the
-SDK's internal metrics on, sends every span through the SDK. tests/runtime/
-test_telemetry.py starts the same spans both ways from one random seed and compares them.
+SDK: the same ids, flags and trace state. Spans the sampler keeps are started by the SDK
+on the trace id the decision was made on; any other sampler, or the SDK's internal
+metrics on, sends every span through the SDK. tests/runtime/test_telemetry.py starts the
+same spans both ways from one random seed and compares them.
 """
 
 from __future__ import annotations

@@ -113,7 +113,10 @@ class ServiceHarness:
             self.settings,
             self.router,
             broker=MemoryBroker(
-                self.bus, self.group, limits=memory_limits(self.settings.max_message_bytes)
+                self.bus,
+                self.group,
+                limits=memory_limits(self.settings.max_message_bytes),
+                dead_letters=self.settings.dead_letter_topic,
             ),
             state=self.state,
         )

@@ -40,6 +40,7 @@ def open_broker(settings: Settings) -> Broker:
             bus_for_url(settings.broker_url),
             settings.consumer_group,
             limits=memory_limits(settings.max_message_bytes),
+            dead_letters=settings.dead_letter_topic,
         )
     module_name = ADAPTER_MODULES[scheme]
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
@@ -35,6 +35,10 @@ MAX_TOPIC_BYTES = 249  # Kafka's longest topic name (RabbitMQ's routing keys: 25
 
 
 NO_HEADERS: Mapping[str, str] = MappingProxyType({})  # shared by every message without any
+NO_ATTRIBUTES: Mapping[str, Any] = MappingProxyType({})
+
+# Called with the streams a consumer gave up (a Kafka rebalance).
+OnRevoked = Callable[[set[str]], None]
 
 
 class BrokerUnavailable(Exception):
@@ -243,13 +247,10 @@ def binary_headers(headers: Mapping[str, str]) -> list[tuple[str, bytes]]:
 
 
 class Broker(ABC):
-    """One consumer plus producer on a bus. All methods are safe to call from one task.
+    """One consumer plus producer on a bus. All methods are safe to call from one task."""
 
-    `on_streams_revoked`, when set (by the loop), is called with the streams this
-    consumer just gave up (a Kafka rebalance), after their in-flight work was drained.
-    """
-
-    on_streams_revoked: Callable[[set[str]], None] | None = None
+    # OpenTelemetry's `messaging.system` for this bus.
+    messaging_system: str = ""
     # True when each stream has one consumer at a time (Kafka partitions): the loop then
     # fences earlier owners in the state store. False for competing consumers (RabbitMQ).
     exclusive_streams: bool = False
@@ -262,27 +263,26 @@ class Broker(ABC):
     unrouted_destination: str = ""
 
     @abstractmethod
-    async def start(self, topics: Sequence[str]) -> None:
-        """Connect and subscribe the consumer group to `topics` (event types)."""
+    async def start(self, topics: Sequence[str], on_revoked: OnRevoked | None = None) -> None:
+        """Connect and subscribe the consumer group to `topics` (event types). `on_revoked`
+        is called with the streams this consumer gives up (a Kafka rebalance), once their
+        in-flight work was drained."""
 
     @abstractmethod
-    async def fetch(self, max_messages: int, max_wait_s: float) -> list[InboundMessage]:
-        """Up to `max_messages` deliveries, waiting at most `max_wait_s` for the first."""
-
     async def fetch_batch(
         self, max_messages: int, first_wait_s: float, fill_until: float
     ) -> list[InboundMessage]:
         """The loop's batch: wait at most `first_wait_s` for a first delivery, then until
-        event-loop time `fill_until` for the batch to fill to `max_messages`. Built on
-        `fetch`; a broker told of each delivery may instead wake once the batch is full
-        (RabbitMQ)."""
-        batch = await self.fetch(max_messages, first_wait_s)
-        if not batch:
-            return batch
-        clock = asyncio.get_running_loop().time
-        while len(batch) < max_messages and (left := fill_until - clock()) > 0:
-            batch += await self.fetch(max_messages - len(batch), left)
-        return batch
+        event-loop time `fill_until` for the batch to fill to `max_messages`."""
+
+    @abstractmethod
+    def dead_letter_destination(self, topic: str) -> str:
+        """Where a message delivered from `topic` is parked: its dead letter's `topic`."""
+
+    def span_attributes(self, message: InboundMessage) -> Mapping[str, Any]:
+        """OpenTelemetry attributes of a delivery only this bus knows (Kafka: partition and
+        offset)."""
+        return NO_ATTRIBUTES
 
     @abstractmethod
     async def publish(self, messages: Sequence[OutboundMessage]) -> Sequence[OutboundMessage]:
@@ -303,3 +303,20 @@ class Broker(ABC):
         """Consumer lag per stream where the bus tells it: messages waiting to be handled.
         Empty when unknown. Raises BrokerUnavailable when the bus does not answer."""
         return {}
+
+
+async def fill_batch(
+    take: Callable[[int, float], Awaitable[list[InboundMessage]]],
+    max_messages: int,
+    first_wait_s: float,
+    fill_until: float,
+) -> list[InboundMessage]:
+    """`Broker.fetch_batch` for a bus read by `take(max_messages, max_wait_s)`, which
+    returns what is there, waiting at most `max_wait_s` for a first delivery."""
+    batch = await take(max_messages, first_wait_s)
+    if not batch:
+        return batch
+    clock = asyncio.get_running_loop().time
+    while len(batch) < max_messages and (left := fill_until - clock()) > 0:
+        batch += await take(max_messages - len(batch), left)
+    return batch

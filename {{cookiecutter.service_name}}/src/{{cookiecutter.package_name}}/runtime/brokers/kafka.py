@@ -47,10 +47,12 @@ from .base import (
     Broker,
     BrokerUnavailable,
     InboundMessage,
+    OnRevoked,
     OutboundMessage,
     PublishLimits,
     Unpublishable,
     binary_headers,
+    fill_batch,
     text_headers,
 )
 from .tls import tls_context
@@ -159,6 +161,7 @@ class _Offsets:
 
 
 class KafkaBroker(Broker):
+    messaging_system = "kafka"
     exclusive_streams = True
     limits: PublishLimits
 
@@ -175,6 +178,7 @@ class KafkaBroker(Broker):
         self._idle.set()
         self.limits = PublishLimits(body=settings.max_message_bytes)
         self._ready_topics: set[str] = set()  # known to exist (or created)
+        self._on_revoked: OnRevoked | None = None
 
     def _client_options(self) -> dict[str, Any]:
         kafka = self.kafka
@@ -192,9 +196,10 @@ class KafkaBroker(Broker):
             options["sasl_plain_password"] = kafka.kafka_sasl_password
         return options
 
-    async def start(self, topics: Sequence[str]) -> None:
+    async def start(self, topics: Sequence[str], on_revoked: OnRevoked | None = None) -> None:
+        self._on_revoked = on_revoked
         options = self._client_options()
-        dead_letter_topics = [self.settings.dead_letter_topic_for(t) for t in topics]
+        dead_letter_topics = [self.dead_letter_destination(t) for t in topics]
         missing = await self._prepare_topics([*topics, *dead_letter_topics])
         if missing:
             raise ConfigError(
@@ -266,7 +271,23 @@ class KafkaBroker(Broker):
         self._ready_topics |= wanted.difference(missing)
         return missing
 
-    async def fetch(self, max_messages: int, max_wait_s: float) -> list[InboundMessage]:
+    async def fetch_batch(
+        self, max_messages: int, first_wait_s: float, fill_until: float
+    ) -> list[InboundMessage]:
+        return await fill_batch(self._take, max_messages, first_wait_s, fill_until)
+
+    def dead_letter_destination(self, topic: str) -> str:
+        return self.settings.dead_letter_topic_for(topic)
+
+    def span_attributes(self, message: InboundMessage) -> dict[str, Any]:
+        partition: TopicPartition = message.handle
+        return {
+            "messaging.destination.partition.id": str(partition.partition),
+            "messaging.kafka.offset": message.position,
+        }
+
+    async def _take(self, max_messages: int, max_wait_s: float) -> list[InboundMessage]:
+        """Read-ahead first; aiokafka is asked only once it is handed out."""
         if self._ahead_at == len(self._ahead):
             await self._read_ahead(max_wait_s)
         start = self._ahead_at
@@ -369,8 +390,8 @@ class KafkaBroker(Broker):
         ahead = self._ahead[self._ahead_at :]
         self._ahead = [message for message in ahead if message.handle not in partitions]
         self._ahead_at = 0
-        if self.on_streams_revoked is not None:
-            self.on_streams_revoked({stream_of(tp.topic, tp.partition) for tp in partitions})
+        if self._on_revoked is not None:
+            self._on_revoked({stream_of(tp.topic, tp.partition) for tp in partitions})
 
     async def lag(self) -> dict[str, int]:
         """Per assigned partition: high watermark minus the oldest offset not yet acked."""

@@ -14,13 +14,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from ..config import DEFAULT_DEAD_LETTER_TOPIC, dead_letter_topic
 from .base import (
     Broker,
     BrokerUnavailable,
     InboundMessage,
+    OnRevoked,
     OutboundMessage,
     PublishLimits,
     Unpublishable,
+    fill_batch,
 )
 
 
@@ -112,6 +115,7 @@ def bus_for_url(url: str) -> MemoryBus:
 
 
 class MemoryBroker(Broker):
+    messaging_system = "memory"
     # Events no group is bound for stay in the bus's `published` list, as all events do.
     unrouted_destination = "memory bus"
 
@@ -123,22 +127,33 @@ class MemoryBroker(Broker):
         exclusive: bool = False,
         max_unacked: int | None = None,
         limits: PublishLimits | None = None,
+        dead_letters: str = DEFAULT_DEAD_LETTER_TOPIC,
     ) -> None:
         """`exclusive=True` makes the group's queue behave like a Kafka partition with one
         owner (positions only grow, progress is checkpointed): for tests of that path.
         `max_unacked` stops deliveries while that many are unacked (RabbitMQ's prefetch).
-        `limits` refuses larger messages as a real bus would (none by default)."""
+        `limits` refuses larger messages as a real bus would (none by default).
+        `dead_letters` names dead-letter topics as DEAD_LETTER_TOPIC does."""
         self.bus = bus
         self.group = group
         self.exclusive_streams = exclusive
         self.max_unacked = max_unacked
         self.limits = limits
+        self.dead_letters = dead_letters
         self._delivered: dict[int, InboundMessage] = {}
 
-    async def start(self, topics: Sequence[str]) -> None:
-        self.bus.bind(self.group, topics)
+    async def start(self, topics: Sequence[str], on_revoked: OnRevoked | None = None) -> None:
+        self.bus.bind(self.group, topics)  # one consumer per group: nothing is ever revoked
 
-    async def fetch(self, max_messages: int, max_wait_s: float) -> list[InboundMessage]:
+    async def fetch_batch(
+        self, max_messages: int, first_wait_s: float, fill_until: float
+    ) -> list[InboundMessage]:
+        return await fill_batch(self._take, max_messages, first_wait_s, fill_until)
+
+    def dead_letter_destination(self, topic: str) -> str:
+        return dead_letter_topic(self.dead_letters, topic, self.group)
+
+    async def _take(self, max_messages: int, max_wait_s: float) -> list[InboundMessage]:
         queue = self.bus.queue(self.group)
         if not (queue.ready and self._room()) and max_wait_s > 0:
             queue.waiter = asyncio.Event()  # woken by a publish, or an ack that makes room

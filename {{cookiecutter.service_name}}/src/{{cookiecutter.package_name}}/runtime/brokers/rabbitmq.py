@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -42,6 +41,7 @@ from .base import (
     Broker,
     BrokerUnavailable,
     InboundMessage,
+    OnRevoked,
     OutboundMessage,
     PublishLimits,
     Unpublishable,
@@ -76,6 +76,8 @@ class RabbitMQSettings(BaseSettings):
 
 
 class RabbitMQBroker(Broker):
+    messaging_system = "rabbitmq"
+
     def __init__(self, settings: Settings, rabbit: RabbitMQSettings) -> None:
         self.settings = settings
         self.rabbit = rabbit
@@ -94,7 +96,8 @@ class RabbitMQBroker(Broker):
         # Lag checks use their own channel: a failed passive declare closes its channel.
         self._lag_channel: AbstractRobustChannel | None = None
 
-    async def start(self, topics: Sequence[str]) -> None:
+    async def start(self, topics: Sequence[str], on_revoked: OnRevoked | None = None) -> None:
+        """Competing consumers share the queue: nothing is ever revoked."""
         settings = self.settings
         tls = tls_context(settings, required=settings.broker_url.startswith("amqps:"))
         try:
@@ -214,9 +217,6 @@ class RabbitMQBroker(Broker):
                 self._waiter = None
         return len(self._buffer) >= count
 
-    async def fetch(self, max_messages: int, max_wait_s: float) -> list[InboundMessage]:
-        return await self.fetch_batch(max_messages, max_wait_s, fill_until=-math.inf)
-
     async def fetch_batch(
         self, max_messages: int, first_wait_s: float, fill_until: float
     ) -> list[InboundMessage]:
@@ -225,6 +225,10 @@ class RabbitMQBroker(Broker):
             return []
         await self._buffered(max_messages, fill_until - asyncio.get_running_loop().time())
         return self._take(max_messages)
+
+    def dead_letter_destination(self, topic: str) -> str:
+        """Every topic's dead letters go to the service's dead-letter exchange."""
+        return self.settings.dead_letter_queue
 
     def _take(self, max_messages: int) -> list[InboundMessage]:
         """Up to `max_messages` buffered deliveries, of an open channel only."""
@@ -330,11 +334,6 @@ class RabbitMQBroker(Broker):
             return await self._connection.channel()
         except TRANSIENT as error:
             raise BrokerUnavailable(f"rabbitmq: {error!r}") from error
-
-    async def drop_connection_for_tests(self) -> None:
-        """Break the connection as a network failure would; robust reconnect follows."""
-        assert self._connection is not None and self._connection.transport is not None
-        await self._connection.transport.connection.close(ConnectionError("dropped by a test"))
 
     async def close(self) -> None:
         if self._connection is not None:

@@ -7,11 +7,14 @@ from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from ..config import Settings
-from .base import Fenced, Loaded, StateStore, StateUnavailable
+from .base import Checkpoint, Conflict, Fence, Fenced, Loaded, StateStore, StateUnavailable
 from .memory import MemoryStateStore, store_for_url
 from .sqlite import SqliteStateStore, path_of
 
 __all__ = [
+    "Checkpoint",
+    "Conflict",
+    "Fence",
     "Fenced",
     "Loaded",
     "MemoryStateStore",

@@ -5,11 +5,12 @@ batches). Two kinds of stream exist:
 - exclusive (a Kafka partition): one owner at a time. The owner calls `take_over`, which
   fences out earlier owners: their commits fail with `Fenced` from then on.
 - shared (a RabbitMQ queue with competing replicas): no owner, no fencing; replicas see
-  each other's records through `load(stream, after=cursor)`.
+  each other's records through `load(stream, after=cursor)`, and a commit whose key
+  state another replica changed meanwhile fails with `Conflict`.
 
-Besides the ids, a commit carries the stream's progress (the next Kafka offset) and the
-handlers' per-key state (`ctx.state`), so restart resumes exactly where the last durable
-batch ended. Each key's stored state names the events that produced it (`applied`): when
+Besides the ids, a `Checkpoint` carries the stream's progress (the next Kafka offset) and
+the handlers' per-key state (`ctx.state`), so restart resumes exactly where the last
+durable batch ended. Each key's stored state names the events that produced it (`applied`): when
 a store must split a large commit, a crash between the parts cannot make a redelivered
 event apply twice to a key's state.
 """
@@ -19,7 +20,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class StateUnavailable(Exception):
@@ -34,13 +35,24 @@ class Fenced(Exception):
         self.stream = stream
 
 
-class Conflict(Fenced):
-    """A shared stream's key state changed under this replica (another one wrote it)."""
+class Conflict(Exception):
+    """A shared stream's key state changed under this replica (another one wrote it): the
+    replica's batches must run again on the newer state. Not fencing: nobody owns the
+    stream, and this replica goes on consuming it."""
 
     def __init__(self, stream: str, key: str) -> None:
-        Exception.__init__(self, f"state of key {key!r} in {stream} changed under this replica")
+        super().__init__(f"state of key {key!r} in {stream} changed under this replica")
         self.stream = stream
         self.key = key
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """An exclusive stream's owner token, from `take_over`: commits present it, and fail
+    with Fenced once a newer owner took the stream over."""
+
+    stream: str
+    token: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,13 +91,29 @@ class KeyState:
         return cls(encoded, tuple(data.get("a", ())), version)
 
 
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """What a group of batches did to one stream, written in one store write where the
+    store's limits allow: the ids handled since the last checkpoint (all recorded at
+    `recorded_at`), the progress (next position to consume; exclusive streams) and each
+    changed key's new state. `fence` is the owner's (exclusive streams) or None (shared
+    ones: then each state's `version` must still match the stored one)."""
+
+    stream: str
+    ids: Sequence[str] = ()
+    recorded_at: float = 0.0
+    fence: Fence | None = None
+    progress: int | None = None
+    states: Mapping[str, KeyState] = field(default_factory=dict)
+
+
 class StateStore(ABC):
     @abstractmethod
     async def open(self) -> None: ...
 
     @abstractmethod
-    async def take_over(self, stream: str) -> int:
-        """Become the stream's only writer; returns the fence token commits must present."""
+    async def take_over(self, stream: str) -> Fence:
+        """Become the stream's only writer; returns the fence its checkpoints present."""
 
     @abstractmethod
     async def load(self, stream: str, after: int = 0) -> Loaded:
@@ -97,25 +125,9 @@ class StateStore(ABC):
         """The stored handler state of each key (an empty KeyState if none), in one read."""
 
     @abstractmethod
-    async def commit(
-        self,
-        stream: str,
-        ids: Sequence[str],
-        recorded_at: float,
-        fence: int | None,
-        *,
-        progress: int | None = None,
-        states: Mapping[str, KeyState] | None = None,
-    ) -> None:
-        """Durably record what a batch did to `stream`, in one write where the store's
-        limits allow: ids handled since the last commit (all recorded at `recorded_at`),
-        the progress (next position to consume, exclusive streams) and each changed key's
-        new state.
-
-        `fence` is the token from `take_over` (exclusive streams) or None (shared ones; then
-        each state's `version` must still match the stored one, or Conflict is raised).
-        Raises StateUnavailable (retry later) or Fenced (stop writing this stream).
-        """
+    async def commit(self, checkpoint: Checkpoint) -> None:
+        """Durably record `checkpoint`. Raises StateUnavailable (retry later), Fenced (stop
+        writing this stream) or Conflict (a shared stream's key state changed meanwhile)."""
 
     @abstractmethod
     async def close(self) -> None: ...

@@ -23,7 +23,7 @@ import json
 import time
 import uuid
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from json.encoder import encode_basestring_ascii
@@ -43,7 +43,16 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from ..config import ENV_PREFIX, Settings, load_model
 from ..errors import ConfigError
 from ..logs import get_logger
-from .base import Conflict, Fenced, KeyState, Loaded, StateStore, StateUnavailable
+from .base import (
+    Checkpoint,
+    Conflict,
+    Fence,
+    Fenced,
+    KeyState,
+    Loaded,
+    StateStore,
+    StateUnavailable,
+)
 
 log = get_logger(component="etcd")
 CHUNK_BYTES = 1_000_000  # etcd refuses requests over 1.5 MiB by default
@@ -144,10 +153,10 @@ class EtcdStateStore(StateStore):
             )
         return self._client
 
-    async def take_over(self, stream: str) -> int:
-        async def put_fence(client: aetcd.Client) -> int:
+    async def take_over(self, stream: str) -> Fence:
+        async def put_fence(client: aetcd.Client) -> Fence:
             response = await client.put(self._key(stream, "fence"), self.writer.encode())
-            return int(response.header.revision)
+            return Fence(stream, int(response.header.revision))
 
         return await self._call(put_fence)
 
@@ -186,23 +195,16 @@ class EtcdStateStore(StateStore):
     def _state_key(self, stream: str, key: str) -> bytes:
         return self._key(stream, "state/") + key.encode()
 
-    async def commit(
-        self,
-        stream: str,
-        ids: Sequence[str],
-        recorded_at: float,
-        fence: int | None,
-        *,
-        progress: int | None = None,
-        states: Mapping[str, KeyState] | None = None,
-    ) -> None:
+    async def commit(self, checkpoint: Checkpoint) -> None:
+        stream, progress = checkpoint.stream, checkpoint.progress
         writes: list[_Put] = [
             _Put(self._state_key(stream, key), new.encode(), new.value is None, key, new.version)
-            for key, new in (states or {}).items()
+            for key, new in checkpoint.states.items()
         ]
         counts: dict[bytes, int] = {}
-        if ids:
-            for number, (value, count) in enumerate(_id_values(ids, recorded_at)):
+        if checkpoint.ids:
+            ids_and_time = _id_values(checkpoint.ids, checkpoint.recorded_at)
+            for number, (value, count) in enumerate(ids_and_time):
                 key = self._key(stream, f"ids/{time.time_ns():020d}-{self.writer}-{number}")
                 writes.append(_Put(key, value, leased=True))
                 counts[key] = count
@@ -211,6 +213,7 @@ class EtcdStateStore(StateStore):
         if not writes:
             return
         parts = _transactions(writes)
+        fence = checkpoint.fence
         for number, part in enumerate(parts):
             last = number == len(parts) - 1
             await self._call(self._write, stream, part, counts, fence, last)
@@ -221,7 +224,7 @@ class EtcdStateStore(StateStore):
         stream: str,
         writes: list[_Put],
         counts: dict[bytes, int],
-        fence: int | None,
+        fence: Fence | None,
         last: bool,
     ) -> None:
         """One transaction; the last part of a commit also deletes ids beyond the horizon."""
@@ -229,7 +232,7 @@ class EtcdStateStore(StateStore):
         adding = sum(counts.get(write.key, 0) for write in writes)
         expired = self._beyond_count_horizon(batches, adding) if last else []
         if fence is not None:
-            compare = [client.transactions.mod(self._key(stream, "fence")) == fence]
+            compare = [client.transactions.mod(self._key(stream, "fence")) == fence.token]
         else:
             compare = [
                 client.transactions.mod(write.key) == write.version

@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from .base import Conflict, Fenced, KeyState, Loaded, StateStore, StateUnavailable
+from .base import (
+    Checkpoint,
+    Conflict,
+    Fence,
+    Fenced,
+    KeyState,
+    Loaded,
+    StateStore,
+    StateUnavailable,
+)
 
 
 @dataclass
@@ -37,10 +46,10 @@ class MemoryStateStore(StateStore):
     async def open(self) -> None:
         return None
 
-    async def take_over(self, stream: str) -> int:
+    async def take_over(self, stream: str) -> Fence:
         state = self._streams.setdefault(stream, _Stream())
         state.fence += 1
-        return state.fence
+        return Fence(stream, state.fence)
 
     async def load(self, stream: str, after: int = 0) -> Loaded:
         state = self._streams.setdefault(stream, _Stream())
@@ -53,32 +62,24 @@ class MemoryStateStore(StateStore):
         states = self._streams.setdefault(stream, _Stream()).states
         return {key: states.get(key, KeyState()) for key in keys}
 
-    async def commit(
-        self,
-        stream: str,
-        ids: Sequence[str],
-        recorded_at: float,
-        fence: int | None,
-        *,
-        progress: int | None = None,
-        states: Mapping[str, KeyState] | None = None,
-    ) -> None:
+    async def commit(self, checkpoint: Checkpoint) -> None:
         if self._failures:
             self._failures -= 1
             raise StateUnavailable("memory store: injected commit failure")
+        stream, fence = checkpoint.stream, checkpoint.fence
         state = self._streams.setdefault(stream, _Stream())
-        if fence is not None and fence != state.fence:
+        if fence is not None and fence.token != state.fence:
             raise Fenced(stream)
-        for key, new in (states or {}).items():
+        for key, new in checkpoint.states.items():
             if fence is None and state.states.get(key, KeyState()).version != new.version:
                 raise Conflict(stream, key)
-        for event_id in ids:
-            state.records[event_id] = (recorded_at, next(self._sequence))
+        for event_id in checkpoint.ids:
+            state.records[event_id] = (checkpoint.recorded_at, next(self._sequence))
             state.records.move_to_end(event_id)
-        for key, new in (states or {}).items():
+        for key, new in checkpoint.states.items():
             state.states[key] = KeyState(new.value, new.applied, next(self._sequence))
-        if progress is not None:
-            state.progress = progress
+        if checkpoint.progress is not None:
+            state.progress = checkpoint.progress
         self._expire(state)
         self.commits += 1
 

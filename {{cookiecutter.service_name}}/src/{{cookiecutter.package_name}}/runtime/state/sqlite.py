@@ -5,13 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 from urllib.parse import urlsplit
 
 from ..errors import ConfigError
-from .base import Conflict, Fenced, KeyState, Loaded, StateStore, StateUnavailable
+from .base import (
+    Checkpoint,
+    Conflict,
+    Fence,
+    Fenced,
+    KeyState,
+    Loaded,
+    StateStore,
+    StateUnavailable,
+)
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -72,8 +81,8 @@ class SqliteStateStore(StateStore):
         connection.executescript(SCHEMA)
         self._connection = connection
 
-    async def take_over(self, stream: str) -> int:
-        return await self._run(self._take_over, stream)
+    async def take_over(self, stream: str) -> Fence:
+        return Fence(stream, await self._run(self._take_over, stream))
 
     def _take_over(self, stream: str) -> int:
         assert self._connection is not None
@@ -133,31 +142,16 @@ class SqliteStateStore(StateStore):
             stored.update((str(key), (bytes(state), int(version))) for key, state, version in rows)
         return stored
 
-    async def commit(
-        self,
-        stream: str,
-        ids: Sequence[str],
-        recorded_at: float,
-        fence: int | None,
-        *,
-        progress: int | None = None,
-        states: Mapping[str, KeyState] | None = None,
-    ) -> None:
-        await self._run(self._commit, stream, ids, recorded_at, fence, progress, states or {})
+    async def commit(self, checkpoint: Checkpoint) -> None:
+        await self._run(self._commit, checkpoint)
 
-    def _commit(
-        self,
-        stream: str,
-        ids: Sequence[str],
-        recorded_at: float,
-        fence: int | None,
-        progress: int | None,
-        states: Mapping[str, KeyState],
-    ) -> None:
+    def _commit(self, checkpoint: Checkpoint) -> None:
         assert self._connection is not None
+        stream, fence, states = checkpoint.stream, checkpoint.fence, checkpoint.states
+        recorded_at, progress = checkpoint.recorded_at, checkpoint.progress
         with self._connection:  # one transaction per group of batches
             self._connection.execute("BEGIN IMMEDIATE")
-            if fence is not None and self._fence(stream) != fence:
+            if fence is not None and self._fence(stream) != fence.token:
                 raise Fenced(stream)
             stored = self._stored_states(stream, list(states))
             if fence is None:
@@ -166,7 +160,7 @@ class SqliteStateStore(StateStore):
                         raise Conflict(stream, key)
             self._connection.executemany(
                 "INSERT INTO processed (stream, event_id, recorded_at) VALUES (?, ?, ?)",
-                [(stream, event_id, recorded_at) for event_id in ids],
+                [(stream, event_id, recorded_at) for event_id in checkpoint.ids],
             )
             self._connection.executemany(
                 "INSERT OR REPLACE INTO key_state VALUES (?, ?, ?, ?, ?, ?)",

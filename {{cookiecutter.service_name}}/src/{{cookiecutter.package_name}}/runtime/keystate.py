@@ -1,0 +1,116 @@
+"""Per-key handler state (`ctx.state`): read before a batch is handled, kept after."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from .errors import DeadLetter
+from .intake import WorkByKey
+from .reaction import Reaction
+from .retry import Outages
+from .router import Router
+from .state.base import KeyState, StateStore
+from .streams import Streams
+
+MAX_STATE_BYTES = 64 * 1024  # per key: state travels in every checkpoint that changes it
+
+
+@dataclass(slots=True)
+class KeySlot:
+    """One key's handler state while a batch handles that key's events in order."""
+
+    stored: KeyState
+    value: bytes | None = None
+    applied: list[str] = field(default_factory=list)
+    changed: bool = False
+
+    def __post_init__(self) -> None:
+        self.value = self.stored.value
+
+    def begin(self) -> dict[str, Any]:
+        """A fresh copy for one attempt: a failed attempt leaves no trace."""
+        return dict(json.loads(self.value)) if self.value is not None else {}
+
+    def finish(self, event_id: str, state: dict[str, Any]) -> None:
+        """Keep what a successful handler left in ctx.state; DeadLetter if unusable."""
+        try:
+            encoded = json.dumps(state, separators=(",", ":"), sort_keys=True, allow_nan=False)
+        except (TypeError, ValueError) as error:
+            raise DeadLetter(
+                "handler-failed", f"ctx.state must hold JSON values: {error}"
+            ) from None
+        if len(encoded) > MAX_STATE_BYTES:
+            raise DeadLetter(
+                "state-too-large",
+                f"ctx.state is {len(encoded)} bytes encoded; the limit is {MAX_STATE_BYTES}",
+            )
+        value = None if encoded == "{}" else encoded.encode()
+        self.applied.append(event_id)
+        if value != self.value:
+            self.value, self.changed = value, True
+
+    def to_store(self) -> KeyState:
+        return KeyState(self.value, tuple(self.applied), self.stored.version)
+
+
+SlotsByKey = dict[tuple[str, str], KeySlot]
+
+
+class KeyStates:
+    def __init__(
+        self,
+        router: Router,
+        store: StateStore,
+        outages: Outages,
+        settle: Callable[[], Awaitable[None]],
+    ) -> None:
+        self.router = router
+        self.store = store
+        self.outages = outages
+        self.settle = settle  # makes every handled batch durable: the store is then current
+
+    async def load(self, work: WorkByKey, streams: Streams) -> SlotsByKey:
+        """State of every key a stateful handler will see: one read per stream, and none
+        for keys an exclusive stream's owner already holds."""
+        if not self.router.has_stateful():
+            return {}
+        found: dict[str, dict[str, KeyState]] = defaultdict(dict)
+        missing: dict[str, list[str]] = defaultdict(list)
+        for (stream, key), items in work.items():
+            if any(item.spec.stateful for item in items):
+                held = streams.get(stream)  # None: given up in a rebalance meanwhile
+                cached = held.cached_state(key) if held is not None else None
+                if cached is not None:
+                    found[stream][key] = cached
+                else:
+                    missing[stream].append(key)
+        if missing:
+            await self.settle()  # the store holds the batches before this one first
+            loaded = await asyncio.gather(
+                *(
+                    self.outages.until_done(
+                        "state read", partial(self.store.load_states, stream, keys)
+                    )
+                    for stream, keys in missing.items()
+                )
+            )
+            for stream, states in zip(list(missing), loaded, strict=True):
+                found[stream].update(states)
+        return {
+            (stream, key): KeySlot(state)
+            for stream, states in found.items()
+            for key, state in states.items()
+        }
+
+    @staticmethod
+    def keep(slots: SlotsByKey, reaction: Reaction) -> None:
+        """The changed keys' new state goes into the reaction's checkpoint."""
+        for (stream, key), slot in slots.items():
+            if slot.changed:
+                reaction.states[stream][key] = slot.to_store()

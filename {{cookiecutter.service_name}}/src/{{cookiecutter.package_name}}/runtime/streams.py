@@ -1,0 +1,162 @@
+"""Stream bookkeeping: what the loop knows of each stream (queue or partition) it consumes.
+
+A stream is exclusive (a Kafka partition: one owner at a time, which fences earlier ones
+in the store and checkpoints its progress) or shared (a RabbitMQ queue: competing
+replicas, which learn each other's records from the store on redeliveries)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+
+import structlog
+
+from .brokers.base import InboundMessage
+from .clock import Clock
+from .config import Settings
+from .dedupe import DedupeWindow
+from .reaction import Reaction
+from .retry import Outages
+from .state.base import Fence, KeyState, StateStore
+from .stats import LoopStats
+
+STATE_CACHE_KEYS = 10_000  # per exclusive stream; older keys are read again when needed
+
+
+@dataclass(slots=True)
+class StreamState:
+    """One stream: its dedupe window, and for an exclusive stream the owner's fence, the
+    next position not yet durable and the key states it knows (most recent last)."""
+
+    window: DedupeWindow
+    exclusive: bool
+    fence: Fence | None = None
+    cursor: int = 0  # shared: where the last look at other replicas' records ended
+    progress: int = 0
+    states: OrderedDict[str, KeyState] = field(default_factory=OrderedDict)
+
+    def not_checkpointed(
+        self, messages: Iterable[InboundMessage], reaction: Reaction
+    ) -> Iterable[InboundMessage]:
+        """An exclusive stream's messages below its checkpointed progress were handled
+        before a crash cut their ack short: counted as duplicates, not decoded. Advances
+        the reaction's progress past every message."""
+        if not self.exclusive:  # no progress: ids alone tell
+            return messages
+        messages = list(messages)
+        positions = [message.position for message in messages]
+        stream, done = messages[0].stream, self.progress
+        after = max(positions) + 1
+        if after > reaction.progress.get(stream, done):
+            reaction.progress[stream] = after
+        if min(positions) >= done:  # the usual case: nothing was handled before
+            return messages
+        fresh = [message for message in messages if message.position >= done]
+        reaction.duplicates += len(messages) - len(fresh)
+        return fresh
+
+    def cached_state(self, key: str) -> KeyState | None:
+        """The key's state as this owner knows it; shared streams are read every batch
+        (other replicas write them too)."""
+        return self.states.get(key) if self.exclusive else None
+
+    def remember_states(self, states: Mapping[str, KeyState]) -> None:
+        if not self.exclusive:
+            return
+        cache = self.states
+        for key, state in states.items():
+            cache[key] = state
+            cache.move_to_end(key)
+        while len(cache) > STATE_CACHE_KEYS:
+            cache.popitem(last=False)
+
+
+class Streams:
+    """Every stream this consumer holds, by name."""
+
+    def __init__(
+        self,
+        store: StateStore,
+        settings: Settings,
+        clock: Clock,
+        outages: Outages,
+        log: structlog.typing.FilteringBoundLogger,
+        stats: LoopStats,
+        *,
+        exclusive: bool,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.clock = clock
+        self.outages = outages
+        self.log = log
+        self.stats = stats
+        self.exclusive = exclusive
+        self._held: dict[str, StreamState] = {}
+
+    def __getitem__(self, stream: str) -> StreamState:
+        return self._held[stream]
+
+    def get(self, stream: str) -> StreamState | None:
+        return self._held.get(stream)
+
+    async def restore(self, streams: set[str]) -> None:
+        """First sight of a stream: fence earlier owners, load its dedupe records."""
+        until_done, store = self.outages.until_done, self.store
+        for stream in sorted(streams - self._held.keys()):
+            started = self.clock.monotonic()
+            fence = None
+            if self.exclusive:
+                fence = await until_done("take over", partial(store.take_over, stream))
+            loaded = await until_done("restore", partial(store.load, stream))
+            window = DedupeWindow(self.settings.dedupe_max_ids, self.settings.dedupe_ttl_s)
+            window.add(loaded.records, self.clock.wall())
+            self._held[stream] = StreamState(
+                window, self.exclusive, fence, loaded.cursor, loaded.progress or 0
+            )
+            self.log.info(
+                "restored",
+                stream=stream,
+                ids=len(window),
+                progress=loaded.progress,
+                seconds=round(self.clock.monotonic() - started, 4),
+            )
+
+    async def refresh(self, streams: set[str]) -> None:
+        """Redeliveries on a shared stream: learn what other replicas recorded since."""
+        for stream in sorted(streams):
+            state = self._held[stream]
+            if state.exclusive:
+                continue  # nobody else writes it
+            lookup = partial(self.store.load, stream, state.cursor)
+            loaded = await self.outages.until_done("lookup", lookup)
+            state.window.add(loaded.records, self.clock.wall())
+            state.cursor = loaded.cursor
+            self.stats.shared_lookups += 1
+
+    def known_before_durable(self, reaction: Reaction) -> None:
+        """What the next batch must see while `reaction` is still being made durable."""
+        now = self.clock.wall()
+        for stream, digests in reaction.digests.items():
+            state = self._held.get(stream)
+            if state is not None:  # else given up in a rebalance while being handled
+                state.window.remember(digests, reaction.recorded_at, now)
+        for stream, states in reaction.states.items():
+            if (state := self._held.get(stream)) is not None:
+                state.remember_states(states)
+
+    def durable(self, progress: Mapping[str, int]) -> None:
+        """Progress now checkpointed and acked."""
+        for stream, position in progress.items():
+            state = self._held.get(stream)
+            if state is not None:  # still ours (a rebalance may have taken it)
+                state.progress = position
+
+    def forget(self, streams: Iterable[str] | None = None) -> None:
+        """Streams given up (all when None): their next owner restores them from the store."""
+        if streams is None:
+            self._held.clear()
+        for stream in streams or ():
+            self._held.pop(stream, None)
