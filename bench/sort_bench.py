@@ -1,9 +1,9 @@
 """Decode + dedupe step (runtime/intake.py) per message: run with a baked service's
 interpreter, from its folder.   python sort_bench.py PACKAGE [--batch 500] [--rounds 15]
 
-Times Intake.decode_and_dedupe over one batch of fresh events (every id new, so each is decoded, digested,
-looked up and grouped), best of --rounds repeats of 200 batches, in CPU (process time)
-ns per message."""
+Times Intake.decode_and_dedupe over one batch of fresh events (every id new, so each is
+decoded, digested, looked up and grouped), best of --rounds repeats of 200 batches, in
+CPU (process time) ns per message."""
 
 from __future__ import annotations
 
@@ -56,7 +56,10 @@ async def main() -> None:
         for batch in batches:
             loop.intake.decode_and_dedupe(batch, loop.streams, reaction_module.Reaction())
         best = min(best, time.process_time() - started)
-    print(f"decode_and_dedupe: {best / (200 * args.batch) * 1e9:.0f} ns per message (best of {args.rounds})")
+    print(
+        f"decode_and_dedupe: {best / (200 * args.batch) * 1e9:.0f} ns per message "
+        f"(best of {args.rounds})"
+    )
 
 
 asyncio.run(main())

@@ -19,7 +19,11 @@ from {{ cookiecutter.package_name }}.runtime.state import (
     StateStore,
     open_state_store,
 )
-from {{ cookiecutter.package_name }}.runtime.state.base import Checkpoint, Conflict, KeyState
+from {{ cookiecutter.package_name }}.runtime.state.base import (
+    Checkpoint,
+    Conflict,
+    KeyState,
+)
 
 StoreFactory = Callable[..., StateStore]
 
