@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from {{ cookiecutter.package_name }} import SERVICE_NAME
+from {{ cookiecutter.package_name }} import SERVICE_NAME, TEMPLATE_VERSION
 from {{ cookiecutter.package_name }}.runtime.app import event_registry
 from {{ cookiecutter.package_name }}.runtime.config import ENV_PREFIX, PACKAGE_NAME
 
@@ -59,8 +59,12 @@ def test_run_is_healthy_then_drains_and_exits_zero_on_sigterm(env: dict[str, str
     finally:
         process.kill()
     assert process.returncode == 0, stderr
-    events = [json.loads(line)["event"] for line in stdout.splitlines()]
-    assert events[0] == "started"
+    lines = [json.loads(line) for line in stdout.splitlines()]
+    events = [line["event"] for line in lines]
+    assert events[:2] == ["starting", "started"]
+    # What a fleet-wide log query finds the oldest services by.
+    assert lines[0]["template_version"] == TEMPLATE_VERSION
+    assert lines[0]["version"] == version(SERVICE_NAME)
     assert "stop requested" in events
     assert events[-1] == "stopped"
     unhealthy = cli(env, "healthcheck")
@@ -94,11 +98,11 @@ def test_bad_setting_is_one_line_without_traceback(
     assert "Traceback" not in result.stderr
 
 
-def test_version_names_the_installed_distribution(env: dict[str, str]) -> None:
+def test_version_names_the_installed_distribution_and_the_template(env: dict[str, str]) -> None:
     result = cli(env, "--version")
     assert result.returncode == 0
     [line] = result.stdout.splitlines()
-    assert line == f"{SERVICE_NAME} {version(SERVICE_NAME)}"
+    assert line == f"{SERVICE_NAME} {version(SERVICE_NAME)} (template {TEMPLATE_VERSION})"
 
 
 def test_emit_publishes_an_event_built_from_json(env: dict[str, str]) -> None:

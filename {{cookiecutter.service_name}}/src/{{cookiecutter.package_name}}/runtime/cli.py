@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 
 from google.protobuf import json_format
 
-from .. import SERVICE_NAME
+from .. import SERVICE_NAME, TEMPLATE_VERSION
 from .app import build_loop, event_registry, run_until_signalled, tune_garbage_collection
 from .brokers import open_broker
 from .brokers.base import BrokerUnavailable, Unpublishable, event_message
@@ -21,7 +21,7 @@ from .config import ENV_PREFIX, Settings, load_settings, reference
 from .envelope import CloudEventsProtobufCodec, Envelope, new_event_id, now
 from .errors import CommandFailed, ConfigError
 from .health import Heartbeat, check
-from .logs import configure_logging
+from .logs import configure_logging, get_logger
 from .operator import dlq, replay, tail
 from .telemetry import configure_telemetry, shutdown_telemetry
 
@@ -36,12 +36,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see --help)\n")
 
 
+def _versions() -> str:
+    """The service's own version and the template release it is on (fleet queries)."""
+    return f"{version(SERVICE_NAME)} (template {TEMPLATE_VERSION})"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=SERVICE_NAME,
         description=f"Settings come from {ENV_PREFIX}* environment variables.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {version(SERVICE_NAME)}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_versions()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("run", help="consume and handle events until SIGTERM")
     health = commands.add_parser("healthcheck", help="exit 0 if the loop is healthy, else 1")
@@ -106,6 +111,7 @@ def _run(settings: Settings) -> int:
     from ..handlers import router
 
     configure_logging(settings)
+    get_logger().info("starting", version=version(SERVICE_NAME), template_version=TEMPLATE_VERSION)
     configure_telemetry()
     loop = build_loop(settings, router, heartbeat=Heartbeat(settings.heartbeat_file))
     tune_garbage_collection()
