@@ -15,7 +15,9 @@ import pytest
 
 TEMPLATE = Path(__file__).resolve().parent.parent
 # The template's release, as cookiecutter.json records it for the bake.
-TEMPLATE_VERSION: str = json.loads((TEMPLATE / "cookiecutter.json").read_text())["_template_version"]
+TEMPLATE_VERSION: str = json.loads((TEMPLATE / "cookiecutter.json").read_text())[
+    "_template_version"
+]
 BIN = Path(sys.executable).parent
 
 
