@@ -186,3 +186,40 @@ def test_operator_commands_have_help(env: dict[str, str], command: tuple[str, ..
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"usage: {SERVICE_NAME} {' '.join(command)}")
     assert "--json" in result.stdout
+
+
+def test_config_check_names_variables_that_are_not_settings(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "values.env").write_text(
+        f"{ENV_PREFIX}BATCH_SIZE=100\n"
+        f"{ENV_PREFIX}BROKER_URL_FILE=/run/secrets/broker-url\n"
+        f"# renamed in an update:\n{ENV_PREFIX}OLD_CONCURRENCY=16\n"
+    )
+    (overlay / "patch.yaml").write_text(f"- name: {ENV_PREFIX}BATCH_SIZES\n  value: '1'\n")
+    result = cli(env, "config", "--check", str(overlay))
+    assert result.returncode == 1
+    assert result.stdout.splitlines() == [
+        f"{overlay / 'patch.yaml'}:1: {ENV_PREFIX}BATCH_SIZES is not a setting of this service "
+        "(renamed or removed?)",
+        f"{overlay / 'values.env'}:4: {ENV_PREFIX}OLD_CONCURRENCY is not a setting of this "
+        "service (renamed or removed?)",
+    ]
+    assert "CHANGELOG.md" in result.stderr
+
+
+def test_config_check_passes_the_services_own_files(env: dict[str, str]) -> None:
+    """The deployment files and docs name only settings the service has."""
+    root = Path(__file__).resolve().parents[2]
+    shipped = [root / name for name in ("deploy", "docker-compose.yml", "README.md", "docs")]
+    result = cli(env, "config", "--check", *map(str, shipped))
+    assert (result.returncode, result.stdout) == (0, "")
+
+
+def test_config_check_of_a_missing_path_is_one_line(env: dict[str, str], tmp_path: Path) -> None:
+    result = cli(env, "config", "--check", str(tmp_path / "nowhere"))
+    assert result.returncode == 2
+    missing = tmp_path / "nowhere"
+    assert result.stderr == f"{SERVICE_NAME}: error: {missing}: no such file or folder\n"

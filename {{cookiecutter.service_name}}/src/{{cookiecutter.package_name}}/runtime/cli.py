@@ -9,6 +9,7 @@ import json
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from importlib.metadata import version
+from pathlib import Path
 from typing import Any, NoReturn
 
 from google.protobuf import json_format
@@ -17,7 +18,7 @@ from .. import SERVICE_NAME, TEMPLATE_VERSION
 from .app import build_loop, event_registry, run_until_signalled, tune_garbage_collection
 from .brokers import open_broker
 from .brokers.base import BrokerUnavailable, Unpublishable, event_message
-from .config import ENV_PREFIX, Settings, load_settings, reference
+from .config import ENV_PREFIX, Settings, load_settings, reference, unknown_variables
 from .envelope import CloudEventsProtobufCodec, Envelope, new_event_id, now
 from .errors import CommandFailed, ConfigError
 from .health import Heartbeat, check
@@ -60,8 +61,16 @@ def _parser() -> argparse.ArgumentParser:
     emit.add_argument("--id", dest="event_id", default=None, help="event id (default: new uuid)")
     commands.add_parser("types", help="list the event types this service knows")
     commands.add_parser("demo", help="run the loop over a scripted stream on the memory bus")
-    commands.add_parser(
+    config = commands.add_parser(
         "config", help="print every environment variable with its default (dotenv format)"
+    )
+    config.add_argument(
+        "--check",
+        nargs="+",
+        type=Path,
+        metavar="PATH",
+        help="instead: name each variable with this service's prefix in these files or "
+        "folders that is not a setting (left by a renamed or removed one); exit 1 if any",
     )
     for command in OPERATOR_COMMANDS.values():
         command.register(commands)
@@ -74,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "types":
             print("\n".join(event_registry().names()))
             return 0
+        if args.command == "config" and args.check:
+            return _check_config_files(args.check)
         if args.command == "config":
             for variable, default, description in reference():
                 print(f"# {description}" if description else "#")
@@ -119,6 +130,19 @@ def _run(settings: Settings) -> int:
         asyncio.run(run_until_signalled(loop))
     finally:
         shutdown_telemetry()
+    return 0
+
+
+def _check_config_files(paths: list[Path]) -> int:
+    unknown = unknown_variables(paths)
+    for path, line, variable in unknown:
+        print(f"{path}:{line}: {variable} is not a setting of this service (renamed or removed?)")
+    if unknown:
+        print(
+            f"{len(unknown)} unknown; the template's CHANGELOG.md names each renamed setting",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
