@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv with the template's own tools (cookiecutter, cruft, uv, pytest, ruff, kubectl).
+# Creates .venv with the template's own tools (cookiecutter, cruft, uv, pytest, ruff, kubectl,
+# actionlint, pre-commit).
 # Idempotent: re-running only installs what requirements-dev.txt changed.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -8,8 +8,8 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/bootstrap.sh"
 export UV_PYTHON_DOWNLOADS=never
 cd "$root"
-.venv/bin/ruff check hooks tests
-.venv/bin/ruff format --check hooks tests
+.venv/bin/ruff check hooks tests scripts
+.venv/bin/ruff format --check hooks tests scripts
 if [ "${SKIP_SERVERS:-}" != "1" ]; then
     eval "$(bash scripts/servers.sh start)"
     trap 'bash "$root/scripts/servers.sh" stop' EXIT

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -13,6 +14,10 @@ from pathlib import Path
 import pytest
 
 TEMPLATE = Path(__file__).resolve().parent.parent
+# The template's release, as cookiecutter.json records it for the bake.
+TEMPLATE_VERSION: str = json.loads((TEMPLATE / "cookiecutter.json").read_text())[
+    "_template_version"
+]
 BIN = Path(sys.executable).parent
 
 

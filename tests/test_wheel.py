@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import bake, run_ok, tool, tool_env
+from .conftest import TEMPLATE_VERSION, bake, run_ok, tool, tool_env
 
 pytestmark = pytest.mark.slow  # builds and installs wheels
 
@@ -107,7 +107,8 @@ def installed(
 
 
 def test_installed_wheel_names_its_version_types_and_settings(installed: Installed) -> None:
-    assert installed.run("--version").strip() == f"{installed.name} 0.1.0"
+    expected = f"{installed.name} 0.1.0 (template {TEMPLATE_VERSION})"
+    assert installed.run("--version").strip() == expected
     types = installed.run("types").split()
     assert "order_service.events.OrderPlaced" in types
     assert "io.cloudevents.v1.CloudEvent" not in types

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 
@@ -41,3 +42,7 @@ def make_certificates(folder: Path, name: str) -> dict[str, Path]:
         "client_cert": folder / "client.pem",
         "client_key": folder / "client.key",
     }
+
+
+if __name__ == "__main__":  # the generated CI's RabbitMQ TLS listener: certificates into argv[1]
+    make_certificates(Path(sys.argv[1]), "ci")

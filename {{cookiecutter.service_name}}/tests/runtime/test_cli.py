@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from {{ cookiecutter.package_name }} import SERVICE_NAME
+from {{ cookiecutter.package_name }} import SERVICE_NAME, TEMPLATE_VERSION
 from {{ cookiecutter.package_name }}.runtime.app import event_registry
 from {{ cookiecutter.package_name }}.runtime.config import ENV_PREFIX, PACKAGE_NAME
 
@@ -59,8 +59,12 @@ def test_run_is_healthy_then_drains_and_exits_zero_on_sigterm(env: dict[str, str
     finally:
         process.kill()
     assert process.returncode == 0, stderr
-    events = [json.loads(line)["event"] for line in stdout.splitlines()]
-    assert events[0] == "started"
+    lines = [json.loads(line) for line in stdout.splitlines()]
+    events = [line["event"] for line in lines]
+    assert events[:2] == ["starting", "started"]
+    # What a fleet-wide log query finds the oldest services by.
+    assert lines[0]["template_version"] == TEMPLATE_VERSION
+    assert lines[0]["version"] == version(SERVICE_NAME)
     assert "stop requested" in events
     assert events[-1] == "stopped"
     unhealthy = cli(env, "healthcheck")
@@ -94,11 +98,11 @@ def test_bad_setting_is_one_line_without_traceback(
     assert "Traceback" not in result.stderr
 
 
-def test_version_names_the_installed_distribution(env: dict[str, str]) -> None:
+def test_version_names_the_installed_distribution_and_the_template(env: dict[str, str]) -> None:
     result = cli(env, "--version")
     assert result.returncode == 0
     [line] = result.stdout.splitlines()
-    assert line == f"{SERVICE_NAME} {version(SERVICE_NAME)}"
+    assert line == f"{SERVICE_NAME} {version(SERVICE_NAME)} (template {TEMPLATE_VERSION})"
 
 
 def test_emit_publishes_an_event_built_from_json(env: dict[str, str]) -> None:
@@ -182,3 +186,40 @@ def test_operator_commands_have_help(env: dict[str, str], command: tuple[str, ..
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"usage: {SERVICE_NAME} {' '.join(command)}")
     assert "--json" in result.stdout
+
+
+def test_config_check_names_variables_that_are_not_settings(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "values.env").write_text(
+        f"{ENV_PREFIX}BATCH_SIZE=100\n"
+        f"{ENV_PREFIX}BROKER_URL_FILE=/run/secrets/broker-url\n"
+        f"# renamed in an update:\n{ENV_PREFIX}OLD_CONCURRENCY=16\n"
+    )
+    (overlay / "patch.yaml").write_text(f"- name: {ENV_PREFIX}BATCH_SIZES\n  value: '1'\n")
+    result = cli(env, "config", "--check", str(overlay))
+    assert result.returncode == 1
+    assert result.stdout.splitlines() == [
+        f"{overlay / 'patch.yaml'}:1: {ENV_PREFIX}BATCH_SIZES is not a setting of this service "
+        "(renamed or removed?)",
+        f"{overlay / 'values.env'}:4: {ENV_PREFIX}OLD_CONCURRENCY is not a setting of this "
+        "service (renamed or removed?)",
+    ]
+    assert "CHANGELOG.md" in result.stderr
+
+
+def test_config_check_passes_the_services_own_files(env: dict[str, str]) -> None:
+    """The deployment files and docs name only settings the service has."""
+    root = Path(__file__).resolve().parents[2]
+    shipped = [root / name for name in ("deploy", "docker-compose.yml", "README.md", "docs")]
+    result = cli(env, "config", "--check", *map(str, shipped))
+    assert (result.returncode, result.stdout) == (0, "")
+
+
+def test_config_check_of_a_missing_path_is_one_line(env: dict[str, str], tmp_path: Path) -> None:
+    result = cli(env, "config", "--check", str(tmp_path / "nowhere"))
+    assert result.returncode == 2
+    missing = tmp_path / "nowhere"
+    assert result.stderr == f"{SERVICE_NAME}: error: {missing}: no such file or folder\n"

@@ -9,19 +9,20 @@ import json
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from importlib.metadata import version
+from pathlib import Path
 from typing import Any, NoReturn
 
 from google.protobuf import json_format
 
-from .. import SERVICE_NAME
+from .. import SERVICE_NAME, TEMPLATE_VERSION
 from .app import build_loop, event_registry, run_until_signalled, tune_garbage_collection
 from .brokers import open_broker
 from .brokers.base import BrokerUnavailable, Unpublishable, event_message
-from .config import ENV_PREFIX, Settings, load_settings, reference
+from .config import ENV_PREFIX, Settings, load_settings, reference, unknown_variables
 from .envelope import CloudEventsProtobufCodec, Envelope, new_event_id, now
 from .errors import CommandFailed, ConfigError
 from .health import Heartbeat, check
-from .logs import configure_logging
+from .logs import configure_logging, get_logger
 from .operator import dlq, replay, tail
 from .telemetry import configure_telemetry, shutdown_telemetry
 
@@ -36,12 +37,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see --help)\n")
 
 
+def _versions() -> str:
+    """The service's own version and the template release it is on (fleet queries)."""
+    return f"{version(SERVICE_NAME)} (template {TEMPLATE_VERSION})"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=SERVICE_NAME,
         description=f"Settings come from {ENV_PREFIX}* environment variables.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {version(SERVICE_NAME)}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_versions()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("run", help="consume and handle events until SIGTERM")
     health = commands.add_parser("healthcheck", help="exit 0 if the loop is healthy, else 1")
@@ -55,8 +61,16 @@ def _parser() -> argparse.ArgumentParser:
     emit.add_argument("--id", dest="event_id", default=None, help="event id (default: new uuid)")
     commands.add_parser("types", help="list the event types this service knows")
     commands.add_parser("demo", help="run the loop over a scripted stream on the memory bus")
-    commands.add_parser(
+    config = commands.add_parser(
         "config", help="print every environment variable with its default (dotenv format)"
+    )
+    config.add_argument(
+        "--check",
+        nargs="+",
+        type=Path,
+        metavar="PATH",
+        help="instead: name each variable with this service's prefix in these files or "
+        "folders that is not a setting (left by a renamed or removed one); exit 1 if any",
     )
     for command in OPERATOR_COMMANDS.values():
         command.register(commands)
@@ -69,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "types":
             print("\n".join(event_registry().names()))
             return 0
+        if args.command == "config" and args.check:
+            return _check_config_files(args.check)
         if args.command == "config":
             for variable, default, description in reference():
                 print(f"# {description}" if description else "#")
@@ -106,6 +122,7 @@ def _run(settings: Settings) -> int:
     from ..handlers import router
 
     configure_logging(settings)
+    get_logger().info("starting", version=version(SERVICE_NAME), template_version=TEMPLATE_VERSION)
     configure_telemetry()
     loop = build_loop(settings, router, heartbeat=Heartbeat(settings.heartbeat_file))
     tune_garbage_collection()
@@ -113,6 +130,19 @@ def _run(settings: Settings) -> int:
         asyncio.run(run_until_signalled(loop))
     finally:
         shutdown_telemetry()
+    return 0
+
+
+def _check_config_files(paths: list[Path]) -> int:
+    unknown = unknown_variables(paths)
+    for path, line, variable in unknown:
+        print(f"{path}:{line}: {variable} is not a setting of this service (renamed or removed?)")
+    if unknown:
+        print(
+            f"{len(unknown)} unknown; the template's CHANGELOG.md names each renamed setting",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

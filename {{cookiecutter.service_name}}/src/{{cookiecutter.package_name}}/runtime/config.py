@@ -7,7 +7,9 @@ from files: set ``<NAME>_FILE`` to a path and the file's content becomes the val
 from __future__ import annotations
 
 import os
+import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
@@ -199,6 +201,42 @@ def reference() -> list[tuple[str, str, str]]:
             shown = "" if default is None else str(default)
             rows.append((f"{ENV_PREFIX}{name.upper()}", shown, field.description or ""))
     return rows
+
+
+# A prefixed name wherever a file writes it: `NAME=v`, `NAME: v`, `name: NAME`, `${NAME}`.
+_PREFIXED = re.compile(rf"(?<![A-Za-z0-9_]){re.escape(ENV_PREFIX)}[A-Z0-9_]+")
+# Not configuration: tools' and version control's folders.
+_SKIPPED_FOLDERS = {".git", ".venv", "node_modules", "__pycache__", ".mypy_cache", ".ruff_cache"}
+
+
+def _text_files(paths: list[Path]) -> Iterator[Path]:
+    for path in paths:
+        if not path.exists():
+            raise ConfigError(f"{path}: no such file or folder")
+        if path.is_dir():
+            for found in sorted(path.rglob("*")):
+                skipped = _SKIPPED_FOLDERS.intersection(found.relative_to(path).parts)
+                if found.is_file() and not skipped:
+                    yield found
+        else:
+            yield path
+
+
+def unknown_variables(paths: list[Path]) -> list[tuple[Path, int, str]]:
+    """(file, line, variable) for each name with this service's prefix that is not one of
+    its settings (nor a setting's ``_FILE`` form): what a renamed or removed setting leaves
+    in deployment files, env files and docs, where the service would silently ignore it."""
+    known = {variable for variable, _, _ in reference()}
+    known |= {f"{variable}_FILE" for variable in known}
+    found = []
+    for path in _text_files(paths):
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (UnicodeDecodeError, OSError):
+            continue  # binary or unreadable: no settings in it
+        for number, line in enumerate(lines, start=1):
+            found += [(path, number, name) for name in _PREFIXED.findall(line) if name not in known]
+    return found
 
 
 def describe_validation_error(error: ValidationError) -> str:
