@@ -81,16 +81,24 @@ class PrivateEtcd:
         return arguments
 
     def start(self) -> None:
-        self.process = subprocess.Popen(
-            ["etcd", *self.arguments()], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+        """Start etcd and wait until it listens. The ports were free when chosen, but
+        another process (a parallel test run) may take one first: then this etcd exits and
+        the port answers for someone else, so a start only counts while it is alive."""
         deadline = time.monotonic() + 30
         while True:
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
+            process = subprocess.Popen(
+                ["etcd", *self.arguments()], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            self.process = process
+            while process.poll() is None and time.monotonic() < deadline:
+                with socket.socket() as probe:
+                    if probe.connect_ex(("127.0.0.1", self.port)) == 0:
+                        time.sleep(0.1)  # bound, or about to fail for a taken port?
+                        if process.poll() is None:
+                            return
+                time.sleep(0.05)
             assert time.monotonic() < deadline, "etcd did not start"
-            time.sleep(0.05)
+            self.port, self.peer_port = free_port(), free_port()  # taken: try others
 
     def stop(self) -> None:
         if self.process is not None:
@@ -176,16 +184,56 @@ async def test_an_etcd_outage_pauses_acks_and_resumes_without_loss(
     await service.state.close()
 
 
+class PausableProxy:
+    """A TCP proxy to etcd on loopback whose answers can be held back: a call sent while
+    paused stays in flight on its connection (deterministic, unlike stopping etcd)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.answering = asyncio.Event()
+        self.answering.set()
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._connect, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _connect(self, client_in: asyncio.StreamReader, client_out: Any) -> None:
+        server_in, server_out = await asyncio.open_connection("127.0.0.1", self.target_port)
+        await asyncio.gather(
+            self._pipe(client_in, server_out, None),
+            self._pipe(server_in, client_out, self.answering),
+        )
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: Any, gate: Any) -> None:
+        try:
+            while data := await reader.read(65536):
+                if gate is not None:
+                    await gate.wait()
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        self.answering.set()
+        if self.server is not None:
+            self.server.close()
+
+
 async def test_a_call_in_flight_outlives_another_calls_failure(
     etcd: PrivateEtcd, group: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A Kafka service reads several partitions' state at once on one connection: one
     call's failure must not cancel the others (a CancelledError used to end the process)."""
-    store = open_state_store(Settings(state_url=etcd.url, consumer_group=group))
-    await store.commit(Checkpoint("p0", states={"k": KeyState(b'{"n":1}')}))
-    assert etcd.process is not None
-    etcd.process.send_signal(signal.SIGSTOP)  # no answers: the read below stays in flight
+    proxy = PausableProxy(etcd.port)
+    url = f"etcd://127.0.0.1:{await proxy.start()}"
+    store = open_state_store(Settings(state_url=url, consumer_group=group))
     try:
+        await store.commit(Checkpoint("p0", states={"k": KeyState(b'{"n":1}')}))
+        proxy.answering.clear()  # etcd's answers are held: the read below stays in flight
         reading = asyncio.create_task(store.load_states("p0", ["k"]))
         await asyncio.sleep(0.2)
         assert not reading.done()
@@ -196,10 +244,11 @@ async def test_a_call_in_flight_outlives_another_calls_failure(
         monkeypatch.setattr(aetcd.Client, "put", lost)  # another partition's call fails
         with pytest.raises(StateUnavailable):
             await store.take_over("p1")
+        proxy.answering.set()
+        assert (await reading)["k"].value == b'{"n":1}'
     finally:
-        etcd.process.send_signal(signal.SIGCONT)
-    assert (await reading)["k"].value == b'{"n":1}'
-    await store.close()
+        await store.close()
+        await proxy.close()
 
 
 async def test_a_cancelled_store_call_stays_cancelled(etcd: PrivateEtcd, group: str) -> None:
