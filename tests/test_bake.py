@@ -142,11 +142,18 @@ def own_python_env(name: str) -> dict[str, str]:
 @pytest.mark.parametrize("name", MATRIX)
 def test_baked_service_passes_its_own_lint_and_tests(baked: dict[str, Path], name: str) -> None:
     """`make lint` and `make test` from a fresh bake, with nothing but what they install,
-    on the bake's own minimum Python."""
+    on the bake's own minimum Python. On a Python other than the machine's, the real-server
+    cases run only where the Python version matters (TLS: 3.13 verifies certificates more
+    strictly): the rest are the same code on every version, and running them on each
+    would take CI well past its time budget."""
     env = own_python_env(name)
     service = baked[name]
-    for target in ("test", "lint"):
-        run_ok(["make", target], cwd=service, env=env, timeout=900)
+    run_ok(["make", "lint"], cwd=service, env=env, timeout=900)
+    if python_of(name) == RUNNING_PYTHON:
+        run_ok(["make", "test"], cwd=service, env=env, timeout=900)
+    else:
+        for tier in (["-m", "not servers"], ["-m", "servers", "-k", "tls or amqps"]):
+            run_ok(["uv", "run", "pytest", *tier], cwd=service, env=env, timeout=900)
     assert (service / "uv.lock").exists()
     ran_on = run_ok(
         ["uv", "run", "python", "-c", "import sys; print(*sys.version_info[:2], sep='.')"],

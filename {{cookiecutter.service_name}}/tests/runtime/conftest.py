@@ -71,13 +71,20 @@ class GatedBroker(MemoryBroker):
         self.gate.set()
         self.hang_acks = False
 
-    async def fetch_batch(
-        self, max_messages: int, first_wait_s: float, fill_until: float
-    ) -> list[InboundMessage]:
+    async def _take(self, max_messages: int, max_wait_s: float) -> list[InboundMessage]:
+        """The memory broker's one wait for deliveries, gated: a closed gate delivers
+        nothing, also to a wait that began while it was open."""
         if not self.gate.is_set():
-            await asyncio.sleep(first_wait_s)
+            await asyncio.sleep(max_wait_s)
             return []
-        return await super().fetch_batch(max_messages, first_wait_s, fill_until)
+        taken = await super()._take(max_messages, max_wait_s)
+        if taken and not self.gate.is_set():  # closed while waiting: give them back
+            queue = self.bus.queue(self.group)
+            for message in reversed(taken):
+                del queue.unacked[message.position], self._delivered[message.position]
+                queue.ready.appendleft(message)
+            return []
+        return taken
 
     async def ack(self, messages: Any) -> None:
         if self.hang_acks:
