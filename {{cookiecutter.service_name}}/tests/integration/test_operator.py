@@ -10,7 +10,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from {{ cookiecutter.package_name }}.runtime import Context, DeadLetter, Router
 from {{ cookiecutter.package_name }}.runtime.app import build_loop, event_registry
 from {{ cookiecutter.package_name }}.runtime.brokers.base import event_message
 from {{ cookiecutter.package_name }}.runtime.config import Settings
@@ -21,7 +20,7 @@ from {{ cookiecutter.package_name }}.runtime.envelope import (
     now,
 )
 
-from ..runtime.conftest import RunningLoop
+from ..runtime.conftest import FixableHandler, RunningLoop
 from .conftest import Backend, fetch_at_least, run_cli, start_cli
 
 REGISTRY = event_registry()
@@ -98,22 +97,13 @@ async def test_reading_the_past_needs_a_bus_that_keeps_it(real_backend: Backend)
     assert [json.loads(line)["id"] for line in result.stdout.splitlines()] == ids
 
 
-class FailingService:
+class FailingService(FixableHandler):
     """The service: its handler dead-letters EVENT_TYPE until `fixed`; state in SQLite."""
 
     def __init__(self, backend: Backend, tmp_path: Path) -> None:
+        super().__init__(MESSAGE_TYPE)
         self.backend = backend
         self.settings = backend.settings(state_url=f"sqlite:///{tmp_path / 'state.db'}")
-        self.fixed = False
-        self.handled: list[str] = []
-        self.router = Router()
-        assert MESSAGE_TYPE is not None
-
-        @self.router.handles(MESSAGE_TYPE)
-        async def handle(payload: Any, ctx: Context) -> None:
-            if not self.fixed:
-                raise DeadLetter("broken", "the handler is not fixed yet")
-            self.handled.append(ctx.envelope.id)
 
     async def start(self) -> RunningLoop:
         broker = self.backend.broker(self.settings)

@@ -20,9 +20,10 @@ from {{ cookiecutter.package_name }}.runtime.app import build_loop
 from {{ cookiecutter.package_name }}.runtime.brokers.base import InboundMessage
 from {{ cookiecutter.package_name }}.runtime.brokers.memory import MemoryBroker, MemoryBus
 from {{ cookiecutter.package_name }}.runtime.config import ENV_PREFIX, Settings
+from {{ cookiecutter.package_name }}.runtime.errors import DeadLetter
 from {{ cookiecutter.package_name }}.runtime.health import Heartbeat
 from {{ cookiecutter.package_name }}.runtime.loop import ConsumerLoop, LoopStats
-from {{ cookiecutter.package_name }}.runtime.router import Router
+from {{ cookiecutter.package_name }}.runtime.router import Context, Router
 from {{ cookiecutter.package_name }}.runtime.state.base import StateStore
 from {{ cookiecutter.package_name }}.runtime.telemetry import tracer_provider
 from {{ cookiecutter.package_name }}.runtime.testing import ServiceHarness
@@ -90,6 +91,23 @@ class GatedBroker(MemoryBroker):
         if self.hang_acks:
             await asyncio.Event().wait()  # killed here: handled and recorded, never acked
         await super().ack(messages)
+
+
+class FixableHandler:
+    """A handler of `message_type` that dead-letters every event until `fixed` (a fix
+    deployed), then records the ids it handled: what the operator commands redrive."""
+
+    def __init__(self, message_type: type[Message] | None) -> None:
+        assert message_type is not None
+        self.fixed = False
+        self.handled: list[str] = []
+        self.router = Router()
+
+        @self.router.handles(message_type)
+        async def handle(payload: Any, ctx: Context) -> None:
+            if not self.fixed:
+                raise DeadLetter("broken", "the handler is not fixed yet")
+            self.handled.append(ctx.envelope.id)
 
 
 class RecordingHeartbeat(Heartbeat):

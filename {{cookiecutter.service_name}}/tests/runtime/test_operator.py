@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from {{ cookiecutter.package_name }}.runtime import Context, DeadLetter, Router, cli
+from {{ cookiecutter.package_name }}.runtime import cli
 from {{ cookiecutter.package_name }}.runtime.app import event_registry
 from {{ cookiecutter.package_name }}.runtime.brokers.base import (
     BrokerUnavailable,
@@ -30,33 +30,23 @@ from {{ cookiecutter.package_name }}.runtime.loop import LoopStats
 from {{ cookiecutter.package_name }}.runtime.operator import progress
 from {{ cookiecutter.package_name }}.runtime.state.memory import MemoryStateStore
 
-from .conftest import RunningLoop, fast_settings, make_loop, publish_to
+from .conftest import FixableHandler, RunningLoop, fast_settings, make_loop, publish_to
 
 EVENT_TYPE = event_registry().names()[0]
 MESSAGE_TYPE = event_registry().get(EVENT_TYPE)
 CODEC = CloudEventsProtobufCodec(event_registry())
 
 
-class Service:
+class Service(FixableHandler):
     """A service on a named memory bus (which the operator commands open too), whose
     handler fails until `fixed`; it records the ids it handled."""
 
     def __init__(self) -> None:
+        super().__init__(MESSAGE_TYPE)
         self.settings: Settings = fast_settings(broker_url=f"memory://op-{uuid.uuid4().hex}")
         self.bus: MemoryBus = bus_for_url(self.settings.broker_url)
         self.state = MemoryStateStore(100_000, 3600, time.time)  # kept across runs
         self.topic = self.settings.topic_for(EVENT_TYPE)
-        self.fixed = False
-        self.handled: list[str] = []
-        self.router = Router()
-        assert MESSAGE_TYPE is not None
-
-        @self.router.handles(MESSAGE_TYPE)
-        async def handle(payload: Any, ctx: Context) -> None:
-            if not self.fixed:
-                raise DeadLetter("broken", "the handler is not fixed yet")
-            self.handled.append(ctx.envelope.id)
-
         self.bus.bind(self.settings.consumer_group, [self.topic])
 
     async def publish(self, key: str = "k-1") -> str:
