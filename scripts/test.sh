@@ -14,4 +14,7 @@ if [ "${SKIP_SERVERS:-}" != "1" ]; then
     eval "$(bash scripts/servers.sh start)"
     trap 'bash "$root/scripts/servers.sh" stop' EXIT
 fi
-.venv/bin/python -m pytest --durations=15 "$@"  # the slowest, to keep CI well under 20 min
+# Three workers on two cores: the suite mostly waits (on servers, bakes' subprocesses).
+# TEST_WORKERS=0 runs it in this one process.
+.venv/bin/python -m pytest -n "${TEST_WORKERS:-3}" --dist loadgroup --no-loadscope-reorder \
+    --durations=15 "$@"  # the slowest, to keep CI well under 20 min

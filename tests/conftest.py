@@ -78,6 +78,31 @@ def bake(output_dir: Path, **answers: str) -> Path:
     return service
 
 
+# Parallel runs (scripts/test.sh: pytest-xdist, --dist loadgroup): the tests of a module
+# share its module-scoped bakes and installs, so they run on one worker, except in these
+# modules, whose tests each bake their own service.
+INDEPENDENT_TESTS = {"test_crash.py", "test_outages.py", "test_bench.py"}
+# The longest first, so that the workers finish at about the same time.
+LONGEST_FIRST = ["test_bake.py", "test_crash.py", "test_bench.py", "test_updating.py"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.path.name
+        callspec = getattr(item, "callspec", None)
+        if module == "test_bake.py" and callspec is not None:
+            # Each bake's tests share that bake; the four bakes are spread over workers.
+            item.add_marker(pytest.mark.xdist_group(f"bake-{callspec.params['name']}"))
+        elif module not in INDEPENDENT_TESTS:
+            item.add_marker(pytest.mark.xdist_group(module))
+
+    def rank(item: pytest.Item) -> int:
+        module = item.path.name
+        return LONGEST_FIRST.index(module) if module in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)
+
+
 @pytest.fixture
 def out(tmp_path: Path) -> Path:
     folder = tmp_path / "out"

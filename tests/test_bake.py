@@ -80,12 +80,22 @@ def python_of(name: str) -> str:
 RUNNABLE = [name for name in MATRIX if interpreter(python_of(name)) is not None]
 
 
+class Bakes(dict[str, Path]):
+    """The matrix's services, each baked when a test first asks for it (in parallel runs,
+    each bake's tests run on one worker: tests/conftest.py)."""
+
+    def __init__(self, factory: pytest.TempPathFactory) -> None:
+        super().__init__()
+        self.factory = factory
+
+    def __missing__(self, name: str) -> Path:
+        self[name] = bake(self.factory.mktemp(name), **MATRIX[name])
+        return self[name]
+
+
 @pytest.fixture(scope="module")
-def baked(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    services = {}
-    for name, answers in MATRIX.items():
-        services[name] = bake(tmp_path_factory.mktemp(name), **answers)
-    return services
+def baked(tmp_path_factory: pytest.TempPathFactory) -> Bakes:
+    return Bakes(tmp_path_factory)
 
 
 @pytest.mark.parametrize("name", MATRIX)
