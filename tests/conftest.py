@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -76,6 +77,34 @@ def bake(output_dir: Path, **answers: str) -> Path:
         raise AssertionError(f"bake failed:\n{result.stdout}\n{result.stderr}")
     [service] = [path for path in output_dir.iterdir() if path.is_dir()]
     return service
+
+
+def require(missing: Sequence[str]) -> None:
+    """A test whose servers or binaries are missing fails under CI (CI=true), else skips."""
+    if not missing:
+        return
+    names = ", ".join(missing)
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true but {names} missing: run scripts/servers.sh start")
+    pytest.skip(f"needs {names} (bash scripts/servers.sh start)")
+
+
+CRASH = TEMPLATE / "tests" / "crash"
+
+
+def crash_driver_figures(
+    folder: Path, broker: str, driver: str, *args: str, env: Mapping[str, str]
+) -> dict[str, Any]:
+    """Bake a service whose handler logs what it handled (tests/crash/handlers.py), run a
+    driver of tests/crash/ with its interpreter, and return the figures the driver prints
+    as its last line."""
+    service = bake(folder / "bake", broker=broker, service_name="crash-test")
+    shutil.copy(CRASH / "handlers.py", service / "src" / "crash_test" / "handlers.py")
+    subprocess.run(["uv", "sync", "--quiet"], cwd=service, env=env, check=True, timeout=600)
+    command = ["uv", "run", "python", str(CRASH / driver), "crash_test", str(folder / "run")]
+    result = run_ok([*command, *args], cwd=service, env=env, timeout=900)
+    figures: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    return figures
 
 
 # Parallel runs (scripts/test.sh: pytest-xdist, --dist loadgroup): the tests of a module

@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from .conftest import TEMPLATE, bake, run_ok, tool_env
+from .conftest import crash_driver_figures, require, tool_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.servers]
 
-CRASH = TEMPLATE / "tests" / "crash"
 ADDRESSES = {"kafka": "TEST_KAFKA_BOOTSTRAP", "rabbitmq": "TEST_AMQP_URL"}
 
 
@@ -31,25 +28,12 @@ def test_sigkill_loses_nothing_and_rehandles_only_in_flight(
 ) -> None:
     variable = ADDRESSES[broker]
     needed = [variable] + (["TEST_ETCD_ENDPOINTS"] if state == "etcd" else [])
-    for name in needed:
-        if not os.environ.get(name):
-            if os.environ.get("CI") == "true":
-                pytest.fail(f"CI=true but {name} is not set: run scripts/servers.sh start")
-            pytest.skip(f"set {name} (bash scripts/servers.sh start) to run the crash test")
-    service = bake(tmp_path / "bake", broker=broker, service_name="crash-test")
-    shutil.copy(CRASH / "handlers.py", service / "src" / "crash_test" / "handlers.py")
+    require([name for name in needed if not os.environ.get(name)])
     env = tool_env()
     env["CRASH_STATE"] = state
     for other in set(ADDRESSES.values()) - {variable}:
         env.pop(other, None)
-    subprocess.run(["uv", "sync", "--quiet"], cwd=service, env=env, check=True, timeout=600)
-    result = run_ok(
-        ["uv", "run", "python", str(CRASH / "driver.py"), "crash_test", str(tmp_path / "run")],
-        cwd=service,
-        env=env,
-        timeout=900,
-    )
-    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    figures = crash_driver_figures(tmp_path, broker, "driver.py", env=env)
     print(f"\ncrash test figures ({broker}, {state}): {json.dumps(figures)}")
 
     assert figures["kills"] >= 3

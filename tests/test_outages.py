@@ -13,16 +13,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from .conftest import TEMPLATE, bake, run_ok, tool_env
+from .conftest import crash_driver_figures, require, tool_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.servers]
 
-CRASH = TEMPLATE / "tests" / "crash"
 # What each scenario needs: the broker flavour baked, and the environment that names the
 # binaries of its private servers (scripts/servers.sh installs them).
 SCENARIOS = {
@@ -39,29 +37,8 @@ def test_the_service_lives_through_outages_and_loses_nothing(tmp_path: Path, sce
     missing = [name for name in variables if not os.environ.get(name)]
     if scenario in BINARIES and shutil.which(BINARIES[scenario]) is None:
         missing.append(BINARIES[scenario])
-    if missing:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but {', '.join(missing)} missing: run scripts/servers.sh start")
-        pytest.skip(f"needs {', '.join(missing)} (bash scripts/servers.sh start)")
-    service = bake(tmp_path / "bake", broker=broker, service_name="crash-test")
-    shutil.copy(CRASH / "handlers.py", service / "src" / "crash_test" / "handlers.py")
-    env = tool_env()
-    subprocess.run(["uv", "sync", "--quiet"], cwd=service, env=env, check=True, timeout=600)
-    result = run_ok(
-        [
-            "uv",
-            "run",
-            "python",
-            str(CRASH / "outage.py"),
-            "crash_test",
-            str(tmp_path / "run"),
-            scenario,
-        ],
-        cwd=service,
-        env=env,
-        timeout=600,
-    )
-    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    require(missing)
+    figures = crash_driver_figures(tmp_path, broker, "outage.py", scenario, env=tool_env())
     print(f"\noutage test figures ({scenario}): {json.dumps(figures)}")
 
     assert figures["outages"] >= 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -134,7 +135,9 @@ class RunningLoop:
         """Wait until the loop subscribed: messages published after this reach it."""
         await self.wait_until(self.loop.started.is_set, deadline_s)
 
-    async def wait_until(self, done: Callable[[], bool], deadline_s: float = 10.0) -> None:
+    async def wait_until(self, done: Callable[[], bool], deadline_s: float = 60.0) -> None:
+        """Wait until `done()` holds. The deadline only stops a hung test: a loaded CI
+        machine (parallel bakes on two cores) takes several times longer than a desk."""
         async with asyncio.timeout(deadline_s):
             while not done():
                 if self.task.done():
@@ -168,9 +171,14 @@ def make_loop(
     )
 
 
+# One encoding harness per router: building one (its settings read the environment) costs
+# more than publishing, and tests publish thousands.
+_ENCODERS: weakref.WeakKeyDictionary[Router, ServiceHarness] = weakref.WeakKeyDictionary()
+
+
 async def publish_to(bus: MemoryBus, router: Router, message: Message, **options: Any) -> str:
     """Publish `message` to `bus` in the envelope, as another service would; returns its id."""
-    encoder = ServiceHarness(router)
+    encoder = _ENCODERS.get(router) or _ENCODERS.setdefault(router, ServiceHarness(router))
     event_id = await encoder.publish(message, **options)
     bus.put(encoder.bus.published[-1])
     return event_id
