@@ -156,12 +156,13 @@ class TypeRegistry:
 
     @classmethod
     def from_package(cls, package: ModuleType) -> TypeRegistry:
-        """Every message defined in the generated `*_pb2` modules of `package`."""
+        """Every message defined in the generated `*_pb2` modules of `package`, its
+        subpackages included (where other teams' files are generated)."""
         registry = cls()
-        for module_info in pkgutil.iter_modules(package.__path__):
+        for module_info in pkgutil.walk_packages(package.__path__, f"{package.__name__}."):
             if not module_info.name.endswith("_pb2"):
                 continue
-            module = importlib.import_module(f"{package.__name__}.{module_info.name}")
+            module = importlib.import_module(module_info.name)
             for name in module.DESCRIPTOR.message_types_by_name:
                 message_type = getattr(module, name)
                 if message_type is not _CloudEvent:

@@ -1,0 +1,145 @@
+"""Take event types from the organisation's shared schema set into proto/ (`make proto`).
+
+schemas.toml says where the set is (a git repository, cloned at `ref`, or a directory of
+.proto files) and which of its files this service takes (`include` globs; the files they
+import come along). They are copied into proto/ at their path in the set, so the wheel
+and the image build them with no network (hatch_build.py), and schemas.lock records the
+revision. Files this service owns (proto/{{ cookiecutter.package_name }}/) and the
+template's envelope (proto/io/) are never taken from the set: here they are the source.
+
+Run `make proto` (this, then the code generation) after changing schemas.toml, or to
+take the set's newest revision.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+PACKAGE = "{{ cookiecutter.package_name }}"
+CONFIG = "schemas.toml"
+LOCK = "schemas.lock"
+# Paths in proto/ the set never writes: this service's own types and the envelope.
+OWNED = (PACKAGE, "io", "google")
+HEADER = (
+    "// Taken from the shared schema set by `make proto` ({source} @ {revision}): edit it "
+    "there, not here.\n"
+)
+IMPORT = re.compile(r'^\s*import\s+(?:public\s+|weak\s+)?"([^"]+)"\s*;', re.MULTILINE)
+
+
+class SchemaError(Exception):
+    """A problem with the shared schema set or schemas.toml, said in one line."""
+
+
+@dataclass(frozen=True)
+class SchemaSet:
+    source: str = ""
+    ref: str = "main"
+    include: list[str] = field(default_factory=lambda: ["**/*.proto"])
+
+    @classmethod
+    def load(cls, root: Path = ROOT) -> SchemaSet:
+        path = root / CONFIG
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return cls()
+        except tomllib.TOMLDecodeError as error:
+            raise SchemaError(f"{CONFIG}: {error}") from None
+        unknown = set(data) - {"source", "ref", "include"}
+        if unknown:
+            raise SchemaError(f"{CONFIG}: unknown setting(s) {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+
+def owned(path: Path) -> bool:
+    return path.parts[0] in OWNED
+
+
+def checkout(schemas: SchemaSet, root: Path, scratch: Path) -> tuple[Path, str]:
+    """The set's folder and its revision: a directory as it is, a git repository cloned."""
+    local = (root / schemas.source).expanduser()
+    if local.is_dir() and not (local / ".git").exists():
+        return local, "directory"
+    if shutil.which("git") is None:
+        raise SchemaError(f"{schemas.source} is not a directory, and git (to clone it) is missing")
+    clone = scratch / "set"
+    command = ["git", "clone", "--quiet", "--depth", "1", "--branch", schemas.ref]
+    done = subprocess.run(
+        [*command, schemas.source, str(clone)], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        why = (done.stderr.strip().splitlines() or ["git failed"])[-1]
+        raise SchemaError(f"cannot fetch {schemas.source} at {schemas.ref}: {why}")
+    revision = subprocess.run(
+        ["git", "-C", str(clone), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    return clone, revision
+
+
+def wanted(folder: Path, include: list[str]) -> list[Path]:
+    """The included files and, transitively, the files of the set they import."""
+    todo = sorted({p.relative_to(folder) for g in include for p in folder.glob(g)})
+    todo = [path for path in todo if path.suffix == ".proto"]
+    taken: set[Path] = set()
+    while todo:
+        path = todo.pop()
+        if path in taken or owned(path):
+            continue
+        taken.add(path)
+        for imported in IMPORT.findall((folder / path).read_text(encoding="utf-8")):
+            if (folder / imported).is_file():
+                todo.append(Path(imported))
+    return sorted(taken)
+
+
+def sync(root: Path = ROOT) -> list[Path]:
+    """Copy the set's wanted files into proto/, remove those taken before and no longer
+    wanted, and write schemas.lock. Returns the files taken (relative to proto/)."""
+    schemas = SchemaSet.load(root)
+    proto = root / "proto"
+    lock_path = root / LOCK
+    before = json.loads(lock_path.read_text()).get("files", []) if lock_path.exists() else []
+    if not schemas.source:
+        taken: list[Path] = []
+        revision = ""
+    else:
+        with tempfile.TemporaryDirectory() as scratch:
+            folder, revision = checkout(schemas, root, Path(scratch))
+            taken = wanted(folder, schemas.include)
+            if not taken:
+                raise SchemaError(f"{schemas.source} has no .proto file matching {schemas.include}")
+            header = HEADER.format(source=schemas.source, revision=revision)
+            for path in taken:
+                target = proto / path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(header + (folder / path).read_text(encoding="utf-8"))
+    for stale in set(before) - {str(path) for path in taken}:
+        (proto / stale).unlink(missing_ok=True)
+    lock = {"source": schemas.source, "ref": schemas.ref, "revision": revision}
+    lock_path.write_text(json.dumps({**lock, "files": [str(p) for p in taken]}, indent=2) + "\n")
+    return taken
+
+
+def main() -> int:
+    try:
+        taken = sync()
+    except SchemaError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    for path in taken:
+        print(f"took proto/{path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
