@@ -169,3 +169,54 @@ def test_two_protos_of_one_module_stop_the_build_in_one_line(
         "(its package line, and so its types' names, may stay)"
     ]
     assert not list((where / "dist").glob("*.whl"))
+
+
+BILLING_HANDLERS = '''"""billing-service handles order-service's StockReserved (shared set)."""
+
+from google.protobuf.message import Message
+
+from .events.order_service.events.orders_pb2 import StockReserved
+from .runtime import Context, Router
+
+router = Router()
+
+
+@router.handles(StockReserved)
+async def bill(event: StockReserved, ctx: Context) -> None:
+    ctx.log.info("billing", order_id=event.order_id)
+
+
+def demo_events() -> list[tuple[Message, str]]:
+    return [(StockReserved(order_id="o-1", sku="sku-apple", quantity=2), "o-1")]
+'''
+
+
+def git(*args: str, cwd: Path) -> None:
+    identity = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com"}
+    identity |= {"GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
+    run_ok(["git", *args], cwd=cwd, env={**os.environ, **identity}, timeout=60)
+
+
+def test_a_second_service_handles_the_first_services_event_from_the_shared_set(
+    baked: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """docs' "Consume another team's events": order-service's proto folder published as
+    the shared schema set (a git repository), billing-service baked pointing at it,
+    `make proto`, a handler of StockReserved; its installed wheel handles the event."""
+    where = tmp_path_factory.mktemp("shared-set")
+    shared = where / "event-schemas"
+    shutil.copytree(baked / "proto", shared)
+    git("init", "--quiet", "--initial-branch=main", cwd=shared)
+    git("add", ".", cwd=shared)
+    git("commit", "--quiet", "-m", "order-service's events", cwd=shared)
+    billing = bake(where / "bake", service_name="billing-service", schemas_source=str(shared))
+    (billing / "src" / "billing_service" / "handlers.py").write_text(BILLING_HANDLERS)
+    run_ok(["make", "proto"], cwd=billing, env=tool_env(), timeout=600)
+    assert (billing / "proto" / "order_service" / "events" / "orders.proto").is_file()
+    envelope = billing / "proto" / "io" / "cloudevents" / "v1" / "cloudevents.proto"
+    assert not envelope.read_text().startswith("// Taken")  # the template's, not the set's
+
+    installed = install_wheel(billing, where / "installed")
+    assert "order_service.events.StockReserved" in installed.run("types").split()
+    report = installed.run("demo")
+    assert "handled: 1\n" in report
