@@ -98,11 +98,6 @@ def with_protos(service: Path, where: Path, protos: dict[str, str]) -> Path:
     return copy
 
 
-@pytest.fixture(scope="module")
-def baked(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return bake(tmp_path_factory.mktemp("wheel-src"))
-
-
 @pytest.fixture(scope="module", params=["kafka", "rabbitmq"])
 def installed(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
@@ -135,12 +130,12 @@ def test_readme_command_table_lists_every_command_of_the_cli(installed: Installe
 
 
 def test_another_services_protos_ship_in_the_wheel(
-    baked: Path, tmp_path_factory: pytest.TempPathFactory
+    default_bake: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """Copied at their own path, importing each other by it: the installed service lists
     their types under their own names."""
     where = tmp_path_factory.mktemp("other-protos")
-    service = with_protos(baked, where, OTHER_SERVICE_PROTOS)
+    service = with_protos(default_bake, where, OTHER_SERVICE_PROTOS)
     installed = install_wheel(service, where)
     types = installed.run("types").split()
     assert {"billing.events.InvoicePaid", "billing.events.Money"} <= set(types)
@@ -149,14 +144,14 @@ def test_another_services_protos_ship_in_the_wheel(
 
 
 def test_two_protos_of_one_module_stop_the_build_in_one_line(
-    baked: Path, tmp_path_factory: pytest.TempPathFactory
+    default_bake: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """This service's files and the envelope's share events/: one name there is refused."""
     where = tmp_path_factory.mktemp("clash")
     clash = {
         "order_service/events/cloudevents.proto": OTHER_SERVICE_PROTOS["billing/events/money.proto"]
     }
-    service = with_protos(baked, where, clash)
+    service = with_protos(default_bake, where, clash)
     built = build_wheel(service, where / "dist")
     assert built.returncode != 0
     output = built.stdout + built.stderr
@@ -169,54 +164,3 @@ def test_two_protos_of_one_module_stop_the_build_in_one_line(
         "(its package line, and so its types' names, may stay)"
     ]
     assert not list((where / "dist").glob("*.whl"))
-
-
-BILLING_HANDLERS = '''"""billing-service handles order-service's StockReserved (shared set)."""
-
-from google.protobuf.message import Message
-
-from .events.order_service.events.orders_pb2 import StockReserved
-from .runtime import Context, Router
-
-router = Router()
-
-
-@router.handles(StockReserved)
-async def bill(event: StockReserved, ctx: Context) -> None:
-    ctx.log.info("billing", order_id=event.order_id)
-
-
-def demo_events() -> list[tuple[Message, str]]:
-    return [(StockReserved(order_id="o-1", sku="sku-apple", quantity=2), "o-1")]
-'''
-
-
-def git(*args: str, cwd: Path) -> None:
-    identity = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com"}
-    identity |= {"GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
-    run_ok(["git", *args], cwd=cwd, env={**os.environ, **identity}, timeout=60)
-
-
-def test_a_second_service_handles_the_first_services_event_from_the_shared_set(
-    baked: Path, tmp_path_factory: pytest.TempPathFactory
-) -> None:
-    """docs' "Consume another team's events": order-service's proto folder published as
-    the shared schema set (a git repository), billing-service baked pointing at it,
-    `make proto`, a handler of StockReserved; its installed wheel handles the event."""
-    where = tmp_path_factory.mktemp("shared-set")
-    shared = where / "event-schemas"
-    shutil.copytree(baked / "proto", shared)
-    git("init", "--quiet", "--initial-branch=main", cwd=shared)
-    git("add", ".", cwd=shared)
-    git("commit", "--quiet", "-m", "order-service's events", cwd=shared)
-    billing = bake(where / "bake", service_name="billing-service", schemas_source=str(shared))
-    (billing / "src" / "billing_service" / "handlers.py").write_text(BILLING_HANDLERS)
-    run_ok(["make", "proto"], cwd=billing, env=tool_env(), timeout=600)
-    assert (billing / "proto" / "order_service" / "events" / "orders.proto").is_file()
-    envelope = billing / "proto" / "io" / "cloudevents" / "v1" / "cloudevents.proto"
-    assert not envelope.read_text().startswith("// Taken")  # the template's, not the set's
-
-    installed = install_wheel(billing, where / "installed")
-    assert "order_service.events.StockReserved" in installed.run("types").split()
-    report = installed.run("demo")
-    assert "handled: 1\n" in report

@@ -9,11 +9,17 @@ template's envelope (proto/io/) are never taken from the set: here they are the 
 
 Run `make proto` (this, then the code generation) after changing schemas.toml, or to
 take the set's newest revision.
+
+`python schemas.py check` (`make schemas-check`, part of `make lint` and CI) runs
+`buf lint` over proto/ and `buf breaking` against the same folder on the main branch
+(buf.yaml says which rules, and why), so a change that leaves old events unreadable fails.
+Set SCHEMAS_AGAINST to compare with another git ref (CI uses origin/main).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -130,8 +136,59 @@ def sync(root: Path = ROOT) -> list[Path]:
     return taken
 
 
-def main() -> int:
+def git_out(*args: str, root: Path) -> str | None:
+    """A git command's output, or None when it fails (no repository, no such ref)."""
+    if shutil.which("git") is None:
+        return None
+    done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=False)
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def breaking_against(root: Path, ref: str) -> str | None:
+    """buf's input for proto/ as it is at `ref`; None when there is nothing to compare with
+    (no git repository or no such ref: a service not committed yet; proto/ new at `ref`)."""
+    top = git_out("rev-parse", "--show-toplevel", root=root)
+    prefix = git_out("rev-parse", "--show-prefix", root=root)
+    commit = git_out("rev-parse", "--verify", ref + "^{commit}", root=root)
+    if top is None or prefix is None or commit is None:
+        return None
+    if git_out("cat-file", "-e", f"{ref}:{prefix}proto", root=root) is None:
+        return None
+    where = f",subdir={prefix.rstrip('/')}" if prefix else ""
+    return f"{top}/.git#ref={ref}{where}"
+
+
+def check(root: Path = ROOT) -> int:
+    """buf lint, then buf breaking against the main branch; buf prints what is wrong."""
+    if (linted := buf("lint", root=root)) != 0:
+        return linted
+    ref = os.environ.get("SCHEMAS_AGAINST", "main")
+    against = breaking_against(root, ref)
+    if against is None:
+        if os.environ.get("CI") == "true":
+            print(f"error: no {ref} in git to check proto/ against (fetch it)", file=sys.stderr)
+            return 1
+        print(f"buf breaking skipped: proto/ is not in git at {ref} yet", file=sys.stderr)
+        return 0
+    print(f"buf breaking against {ref}", file=sys.stderr)
+    return buf("breaking", "--against", against, root=root)
+
+
+def buf(*args: str, root: Path) -> int:
+    """Run buf (the buf-bin dev dependency, beside this Python); it prints its findings."""
+    beside = Path(sys.executable).parent / "buf"
+    found = str(beside) if beside.exists() else shutil.which("buf")
+    if found is None:
+        raise SchemaError("buf is not installed: run `uv sync` (buf-bin is a dev dependency)")
+    return subprocess.run([found, *args], cwd=root, check=False).returncode
+
+
+def main(argv: list[str]) -> int:
     try:
+        if argv == ["check"]:
+            return check()
+        if argv:
+            raise SchemaError(f"usage: python schemas.py [check], not {' '.join(argv)}")
         taken = sync()
     except SchemaError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -142,4 +199,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
