@@ -147,3 +147,23 @@ def test_a_compatible_change_passes(in_git: Path, old: str, new: str) -> None:
     checked = schemas_check(in_git, old, new)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "buf breaking against main" in checked.stderr
+
+
+def test_in_ci_a_missing_main_fails_in_one_line(in_git: Path) -> None:
+    """A shallow checkout without the branch to compare with must not pass unchecked."""
+    env = {**tool_env(), "CI": "true", "SCHEMAS_AGAINST": "origin/main"}
+    checked = subprocess.run(
+        ["make", "schemas-check"], cwd=in_git, env=env, capture_output=True, text=True
+    )
+    assert checked.returncode != 0
+    assert "error: no origin/main in git to check proto/ against: fetch it\n" in checked.stderr
+    assert "Traceback" not in checked.stderr
+    local = subprocess.run(
+        ["make", "schemas-check"],
+        cwd=in_git,
+        env={**env, "CI": "false"},
+        capture_output=True,
+        text=True,
+    )
+    assert local.returncode == 0, local.stderr
+    assert "buf breaking skipped" in local.stderr

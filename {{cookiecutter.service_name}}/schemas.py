@@ -145,12 +145,16 @@ def git_out(*args: str, root: Path) -> str | None:
 
 
 def breaking_against(root: Path, ref: str) -> str | None:
-    """buf's input for proto/ as it is at `ref`; None when there is nothing to compare with
-    (no git repository or no such ref: a service not committed yet; proto/ new at `ref`)."""
+    """buf's input for proto/ as it is at `ref`, or None when there is nothing to compare
+    with: no git repository (a fresh bake), no `ref` yet, or no proto/ at `ref` (a new
+    service). In CI a missing `ref` is an error (a shallow checkout), never a skip."""
     top = git_out("rev-parse", "--show-toplevel", root=root)
     prefix = git_out("rev-parse", "--show-prefix", root=root)
-    commit = git_out("rev-parse", "--verify", ref + "^{commit}", root=root)
-    if top is None or prefix is None or commit is None:
+    if top is None or prefix is None:
+        return None
+    if git_out("rev-parse", "--verify", ref + "^{commit}", root=root) is None:
+        if os.environ.get("CI") == "true":
+            raise SchemaError(f"no {ref} in git to check proto/ against: fetch it")
         return None
     if git_out("cat-file", "-e", f"{ref}:{prefix}proto", root=root) is None:
         return None
@@ -165,10 +169,7 @@ def check(root: Path = ROOT) -> int:
     ref = os.environ.get("SCHEMAS_AGAINST", "main")
     against = breaking_against(root, ref)
     if against is None:
-        if os.environ.get("CI") == "true":
-            print(f"error: no {ref} in git to check proto/ against (fetch it)", file=sys.stderr)
-            return 1
-        print(f"buf breaking skipped: proto/ is not in git at {ref} yet", file=sys.stderr)
+        print(f"buf breaking skipped: no proto/ in git at {ref} to compare with", file=sys.stderr)
         return 0
     print(f"buf breaking against {ref}", file=sys.stderr)
     return buf("breaking", "--against", against, root=root)
