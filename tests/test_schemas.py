@@ -5,15 +5,20 @@ compatible one."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
+from jsonschema import Draft7Validator
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT7
 
-from .conftest import bake, run_ok, tool_env
-from .test_wheel import install_wheel
+from .conftest import BIN, bake, run_ok, tool_env
+from .test_wheel import Installed, install_wheel
 
 pytestmark = pytest.mark.slow  # bakes, syncs and builds services
 
@@ -46,29 +51,32 @@ def git(*args: str, cwd: Path) -> None:
     run_ok(["git", *args], cwd=cwd, env={**os.environ, **identity}, timeout=60)
 
 
-def test_a_second_service_handles_the_first_services_event_from_the_shared_set(
-    default_bake: Path, tmp_path_factory: pytest.TempPathFactory
-) -> None:
+@pytest.fixture(scope="module")
+def billing(default_bake: Path, tmp_path_factory: pytest.TempPathFactory) -> Installed:
     """docs' "Consume another team's events": order-service's proto folder published as
-    the shared schema set (a git repository), billing-service baked pointing at it,
-    `make proto`, a handler of StockReserved; its installed wheel handles the event."""
+    the shared schema set (a git repository), billing-service (RabbitMQ) baked pointing at
+    it, `make proto`, a handler of StockReserved; its wheel built and installed."""
     where = tmp_path_factory.mktemp("shared-set")
     shared = where / "event-schemas"
     shutil.copytree(default_bake / "proto", shared)
     git("init", "--quiet", "--initial-branch=main", cwd=shared)
     git("add", ".", cwd=shared)
     git("commit", "--quiet", "-m", "order-service's events", cwd=shared)
-    billing = bake(where / "bake", service_name="billing-service", schemas_source=str(shared))
-    (billing / "src" / "billing_service" / "handlers.py").write_text(BILLING_HANDLERS)
-    run_ok(["make", "proto"], cwd=billing, env=tool_env(), timeout=600)
-    assert (billing / "proto" / "order_service" / "events" / "orders.proto").is_file()
-    envelope = billing / "proto" / "io" / "cloudevents" / "v1" / "cloudevents.proto"
+    answers = {"service_name": "billing-service", "broker": "rabbitmq"}
+    service = bake(where / "bake", schemas_source=str(shared), **answers)
+    (service / "src" / "billing_service" / "handlers.py").write_text(BILLING_HANDLERS)
+    run_ok(["make", "proto"], cwd=service, env=tool_env(), timeout=600)
+    assert (service / ORDERS).is_file()
+    envelope = service / "proto" / "io" / "cloudevents" / "v1" / "cloudevents.proto"
     assert not envelope.read_text().startswith("// Taken")  # the template's, not the set's
+    return install_wheel(service, where / "installed")
 
-    installed = install_wheel(billing, where / "installed")
-    assert "order_service.events.StockReserved" in installed.run("types").split()
-    report = installed.run("demo")
-    assert "handled: 1\n" in report
+
+def test_a_second_service_handles_the_first_services_event_from_the_shared_set(
+    billing: Installed,
+) -> None:
+    assert "order_service.events.StockReserved" in billing.run("types").split()
+    assert "handled: 1\n" in billing.run("demo")
 
 
 @pytest.fixture(scope="module")
@@ -167,3 +175,57 @@ def test_in_ci_a_missing_main_fails_in_one_line(in_git: Path) -> None:
     )
     assert local.returncode == 0, local.stderr
     assert "buf breaking skipped" in local.stderr
+
+
+def asyncapi_validator() -> Draft7Validator:
+    """The official AsyncAPI 3.0 JSON schema (npm @asyncapi/specs, scripts/bootstrap.sh)."""
+    found = sorted(BIN.parent.glob("share/asyncapi-specs-*/schemas/3.0.0.json"))
+    assert found, "no AsyncAPI schema in .venv/share: run scripts/bootstrap.sh (needs npm)"
+    schema = json.loads(found[-1].read_text())
+    resource = Resource.from_contents(schema, default_specification=DRAFT7)
+    registry = Registry().with_resource(schema["$id"], resource).crawl()
+    return Draft7Validator(schema, registry=registry)
+
+
+def test_asyncapi_documents_validate_against_the_asyncapi_schema(
+    billing: Installed, in_git: Path
+) -> None:
+    validator = asyncapi_validator()
+    orders = json.loads(
+        run_ok(
+            ["uv", "run", "order-service", "asyncapi"], cwd=in_git, env=tool_env(), timeout=120
+        ).stdout
+    )
+    bills = json.loads(billing.run("asyncapi"))
+    for document in (orders, bills):
+        assert [error.message for error in validator.iter_errors(document)] == []
+
+    def actions(document: dict[str, Any]) -> dict[str, str]:
+        return {
+            op["channel"]["$ref"].rpartition("/")[2]: op["action"]
+            for op in document["operations"].values()
+        }
+
+    assert actions(orders) == {
+        "order_service.events.OrderPlaced": "receive",
+        "order_service.events.OrderCancelled": "receive",
+        "order_service.events.StockReserved": "send",
+        "order_service.events.StockReleased": "send",
+    }
+    placed = orders["channels"]["order_service.events.OrderPlaced"]
+    assert placed["bindings"]["kafka"]["topic"] == "order_service.events.OrderPlaced"
+    quantity = orders["components"]["schemas"]["order_service.events.OrderPlaced"]["properties"][
+        "quantity"
+    ]
+    assert quantity == {"type": "integer", "format": "int32"}
+    # billing-service handles order-service's type, from the shared set, over RabbitMQ.
+    assert actions(bills)["order_service.events.StockReserved"] == "receive"
+    reserved = bills["channels"]["order_service.events.StockReserved"]
+    assert reserved["bindings"]["amqp"]["exchange"]["name"] == "events"
+    assert bills["servers"]["rabbitmq"]["protocol"] == "amqp"
+
+    broken = {
+        **orders,
+        "operations": {"x": {"action": "publish", "channel": {"$ref": "#/channels/x"}}},
+    }
+    assert list(validator.iter_errors(broken))  # the validator does catch a bad document
