@@ -33,8 +33,9 @@ ROOT = Path(__file__).resolve().parent
 PACKAGE = "{{ cookiecutter.package_name }}"
 CONFIG = "schemas.toml"
 LOCK = "schemas.lock"
-# Paths in proto/ the set never writes: this service's own types and the envelope.
-OWNED = (PACKAGE, "io", "google")
+# Folders in proto/ the set never writes: this service's own types, the envelope, and
+# protobuf's well-known types (which protoc and buf bring themselves).
+OWNED = ((PACKAGE,), ("io", "cloudevents"), ("google", "protobuf"))
 HEADER = (
     "// Taken from the shared schema set by `make proto` ({source} @ {revision}): edit it "
     "there, not here.\n"
@@ -68,24 +69,32 @@ class SchemaSet:
 
 
 def owned(path: Path) -> bool:
-    return path.parts[0] in OWNED
+    return any(path.parts[: len(prefix)] == prefix for prefix in OWNED)
+
+
+def shown(source: str) -> str:
+    """The source without credentials (https://user:token@host/...), for files we write."""
+    return re.sub(r"//[^/@]*@", "//", source)
 
 
 def checkout(schemas: SchemaSet, root: Path, scratch: Path) -> tuple[Path, str]:
     """The set's folder and its revision: a directory as it is, a git repository cloned."""
-    local = (root / schemas.source).expanduser()
+    local = root / Path(schemas.source).expanduser()  # a relative path: from this folder
     if local.is_dir() and not (local / ".git").exists():
         return local, "directory"
     if shutil.which("git") is None:
-        raise SchemaError(f"{schemas.source} is not a directory, and git (to clone it) is missing")
+        raise SchemaError(
+            f"{shown(schemas.source)} is no directory, and git (to clone it) is missing"
+        )
     clone = scratch / "set"
     command = ["git", "clone", "--quiet", "--depth", "1", "--branch", schemas.ref]
+    source = str(local) if local.exists() else schemas.source
     done = subprocess.run(
-        [*command, schemas.source, str(clone)], capture_output=True, text=True, check=False
+        [*command, source, str(clone)], capture_output=True, text=True, check=False
     )
     if done.returncode != 0:
         why = (done.stderr.strip().splitlines() or ["git failed"])[-1]
-        raise SchemaError(f"cannot fetch {schemas.source} at {schemas.ref}: {why}")
+        raise SchemaError(f"cannot fetch {shown(schemas.source)} at {schemas.ref}: {why}")
     revision = subprocess.run(
         ["git", "-C", str(clone), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
     ).stdout.strip()
@@ -123,15 +132,22 @@ def sync(root: Path = ROOT) -> list[Path]:
             folder, revision = checkout(schemas, root, Path(scratch))
             taken = wanted(folder, schemas.include)
             if not taken:
-                raise SchemaError(f"{schemas.source} has no .proto file matching {schemas.include}")
-            header = HEADER.format(source=schemas.source, revision=revision)
+                raise SchemaError(
+                    f"{shown(schemas.source)} has no .proto file matching {schemas.include}"
+                )
+            header = HEADER.format(source=shown(schemas.source), revision=revision)
             for path in taken:
                 target = proto / path
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_text(header + (folder / path).read_text(encoding="utf-8"))
     for stale in set(before) - {str(path) for path in taken}:
         (proto / stale).unlink(missing_ok=True)
-    lock = {"source": schemas.source, "ref": schemas.ref, "revision": revision}
+        for folder in (proto / stale).parents:  # and the folders it leaves empty
+            if folder == proto or (folder.is_dir() and any(folder.iterdir())):
+                break
+            if folder.is_dir():
+                folder.rmdir()
+    lock = {"source": shown(schemas.source), "ref": schemas.ref, "revision": revision}
     lock_path.write_text(json.dumps({**lock, "files": [str(p) for p in taken]}, indent=2) + "\n")
     return taken
 
