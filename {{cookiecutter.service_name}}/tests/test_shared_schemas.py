@@ -4,6 +4,7 @@ Template-owned; do not edit."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,21 @@ def test_problems_are_one_line_without_credentials(
     assert message in str(raised.value)
     assert "token" not in str(raised.value)
     assert "\n" not in str(raised.value)
+
+
+def test_buf_lints_the_services_own_files_not_the_sets(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file from the set is linted where it is written; here it need not pass."""
+    service = service_with_set(tmp_path, include=["shipping/**/*.proto"])
+    parcels = tmp_path / "set" / "shipping" / "events" / "parcels.proto"
+    parcels.write_text(parcels.read_text() + "message Parcel { string parcelId = 1; }\n")
+    shutil.copy(schemas.ROOT / "buf.yaml", service / "buf.yaml")
+    own = service / "proto" / schemas.PACKAGE / "events" / "own.proto"
+    own.parent.mkdir(parents=True)
+    package = f"package {schemas.PACKAGE}.events;\n"
+    own.write_text('syntax = "proto3";\n' + package + "message Own {}\n")
+    schemas.sync(service)
+    assert schemas.check(service) == 0
+    (service / schemas.LOCK).unlink()  # the same file as if it were the service's own
+    assert schemas.check(service) != 0
