@@ -45,6 +45,8 @@ def validate(answers: dict[str, str]) -> str | None:
         return f"package_name {package!r} would shadow the module of the same name; pick another"
     if "\n" in answers["description"] or "\r" in answers["description"]:
         return "description must be a single line"
+    if any(c in answers["schemas_source"] for c in "\n\r"):
+        return "schemas_source must be a single line (a git URL or a directory)"
     if not answers["author_name"].strip():
         return "author_name must not be empty"
     if not EMAIL.match(answers["author_email"]):

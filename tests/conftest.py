@@ -137,3 +137,9 @@ def out(tmp_path: Path) -> Path:
     folder = tmp_path / "out"
     folder.mkdir()
     return folder
+
+
+@pytest.fixture(scope="session")
+def default_bake(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One bake with the default answers (order-service) that tests copy, never change."""
+    return bake(tmp_path_factory.mktemp("default-bake"))

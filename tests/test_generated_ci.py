@@ -17,7 +17,7 @@ import yaml
 from .conftest import bake, run_ok, tool
 
 WORKFLOW = ".github/workflows/ci.yml"
-JOBS = {"lint", "unit", "integration", "template", "image"}
+JOBS = {"lint", "schemas", "unit", "integration", "template", "image"}
 
 
 @pytest.fixture(scope="module", params=["kafka", "rabbitmq"])
@@ -80,6 +80,7 @@ def runnable_with_uv(service: Path) -> set[str]:
     project = tomllib.loads((service / "pyproject.toml").read_text())
     dev = project["dependency-groups"]["dev"]
     names = {re.split(r"[<>=!~\[ ;]", requirement, maxsplit=1)[0] for requirement in dev}
+    names = {name.removesuffix("-bin") for name in names}  # buf-bin installs buf
     return {"python", *project["project"]["scripts"], *names}
 
 
@@ -91,7 +92,8 @@ def test_workflow_parses_and_passes_actionlint(service: Path) -> None:
 def test_workflow_runs_only_make_targets_and_tools_that_exist(service: Path) -> None:
     lines = run_lines(service)
     targets = {shlex.split(line)[1] for line in lines if line.startswith("make ")}
-    assert {"lint", "test-unit", "test-integration", "template-check", "image"} <= targets
+    expected = {"lint-code", "schemas-check", "test-unit", "test-integration", "template-check"}
+    assert expected | {"image"} <= targets
     assert targets <= makefile_targets(service)
     for target in targets:
         dry_run = subprocess.run(["make", "-n", target], cwd=service, capture_output=True)
@@ -117,7 +119,7 @@ def test_pre_commit_runs_the_linters_of_make_lint(service: Path) -> None:
     run_ok([tool("pre-commit"), "validate-config", str(config)], timeout=120)
     [local] = yaml.safe_load(config.read_text())["repos"]
     entries = [hook["entry"] for hook in local["hooks"]]
-    made = linters(recipe(service, "lint"))
+    made = linters(recipe(service, "lint-code"))
     assert linters(entries) == made == {"ruff check", "ruff format", "mypy"}
     assert uv_run_tools(entries) <= runnable_with_uv(service)
 

@@ -20,6 +20,7 @@ GOOD = {
     "author_email": "team@example.com",
     "broker": "kafka",
     "python_version": "3.11",
+    "schemas_source": "",
 }
 
 
@@ -63,6 +64,7 @@ def test_good_answers_pass() -> None:
         ({"package_name": "google"}, "would shadow"),
         ({"package_name": "a" * 41}, "longer than 40 characters"),
         ({"description": "two\nlines"}, "description must be a single line"),
+        ({"schemas_source": "a\nb"}, "schemas_source must be a single line"),
         ({"author_email": "nobody"}, "author_email 'nobody' is not an e-mail address"),
         ({"author_name": "  "}, "author_name must not be empty"),
     ],

@@ -25,6 +25,12 @@ syntax = "proto3";
 package billing.events;
 message Money { int64 cents = 1; string currency = 2; }
 """,
+    # The name of this service's own sample file, in another package.
+    "billing/events/orders.proto": """
+syntax = "proto3";
+package billing.events;
+message OrderBilled { string order_id = 1; }
+""",
     # Imports its neighbour by the path it had in the other service's repository.
     "billing/events/invoices.proto": """
 syntax = "proto3";
@@ -92,11 +98,6 @@ def with_protos(service: Path, where: Path, protos: dict[str, str]) -> Path:
     return copy
 
 
-@pytest.fixture(scope="module")
-def baked(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return bake(tmp_path_factory.mktemp("wheel-src"))
-
-
 @pytest.fixture(scope="module", params=["kafka", "rabbitmq"])
 def installed(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
@@ -129,32 +130,37 @@ def test_readme_command_table_lists_every_command_of_the_cli(installed: Installe
 
 
 def test_another_services_protos_ship_in_the_wheel(
-    baked: Path, tmp_path_factory: pytest.TempPathFactory
+    default_bake: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """Copied at their own path, importing each other by it: the installed service lists
     their types under their own names."""
     where = tmp_path_factory.mktemp("other-protos")
-    service = with_protos(baked, where, OTHER_SERVICE_PROTOS)
+    service = with_protos(default_bake, where, OTHER_SERVICE_PROTOS)
     installed = install_wheel(service, where)
     types = installed.run("types").split()
     assert {"billing.events.InvoicePaid", "billing.events.Money"} <= set(types)
+    assert "billing.events.OrderBilled" in types
     assert "order_service.events.OrderPlaced" in types
 
 
-def test_two_protos_of_one_file_name_stop_the_build_in_one_line(
-    baked: Path, tmp_path_factory: pytest.TempPathFactory
+def test_two_protos_of_one_module_stop_the_build_in_one_line(
+    default_bake: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
+    """This service's files and the envelope's share events/: one name there is refused."""
     where = tmp_path_factory.mktemp("clash")
-    clash = {"billing/events/orders.proto": OTHER_SERVICE_PROTOS["billing/events/money.proto"]}
-    service = with_protos(baked, where, clash)
+    clash = {
+        "order_service/events/cloudevents.proto": OTHER_SERVICE_PROTOS["billing/events/money.proto"]
+    }
+    service = with_protos(default_bake, where, clash)
     built = build_wheel(service, where / "dist")
     assert built.returncode != 0
     output = built.stdout + built.stderr
     assert "Traceback" not in output
     errors = [line for line in output.splitlines() if line.startswith("error: proto/")]
     assert errors == [
-        "error: proto/billing/events/orders.proto and proto/order_service/events/orders.proto "
-        "would both generate src/order_service/events/orders_pb2.py: rename one file "
+        "error: proto/io/cloudevents/v1/cloudevents.proto and "
+        "proto/order_service/events/cloudevents.proto "
+        "would both generate src/order_service/events/cloudevents_pb2.py: rename one file "
         "(its package line, and so its types' names, may stay)"
     ]
     assert not list((where / "dist").glob("*.whl"))

@@ -15,6 +15,7 @@ import pytest
 
 from {{ cookiecutter.package_name }} import SERVICE_NAME, TEMPLATE_VERSION
 from {{ cookiecutter.package_name }}.runtime.app import event_registry
+from {{ cookiecutter.package_name }}.runtime.asyncapi import baked_broker
 from {{ cookiecutter.package_name }}.runtime.config import ENV_PREFIX, PACKAGE_NAME
 
 
@@ -223,3 +224,34 @@ def test_config_check_of_a_missing_path_is_one_line(env: dict[str, str], tmp_pat
     assert result.returncode == 2
     missing = tmp_path / "nowhere"
     assert result.stderr == f"{SERVICE_NAME}: error: {missing}: no such file or folder\n"
+
+
+def test_asyncapi_documents_the_handled_and_own_types_without_credentials(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """The document's validity against the AsyncAPI schema is the template's test."""
+    from {{ cookiecutter.package_name }}.handlers import router
+
+    url = "kafka://k1:9092,k2:9092" if baked_broker() == "kafka" else "amqp://u:secret@mq:5672/v"
+    env[f"{ENV_PREFIX}BROKER_URL"] = url
+    written = cli(env, "asyncapi", "--output", str(tmp_path / "asyncapi.json"))
+    assert written.returncode == 0, written.stderr
+    text = (tmp_path / "asyncapi.json").read_text()
+    assert "secret" not in text
+    document = json.loads(text)
+    assert document["asyncapi"] == "3.0.0"
+    [server] = document["servers"].values()
+    assert server["host"] in ("k1:9092,k2:9092", "mq:5672")
+    receive = {
+        op["channel"]["$ref"].rpartition("/")[2]
+        for op in document["operations"].values()
+        if op["action"] == "receive"
+    }
+    assert receive == set(router.event_types())
+    sent = {op["action"] for op in document["operations"].values()}
+    assert sent <= {"receive", "send"}
+
+    unwritable = cli(env, "asyncapi", "--output", str(tmp_path / "no" / "such" / "dir.json"))
+    assert unwritable.returncode == 1
+    assert unwritable.stderr.startswith(f"{SERVICE_NAME}: error: cannot write ")
+    assert "Traceback" not in unwritable.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 
 import pytest
@@ -10,13 +11,16 @@ from google.protobuf.message import Message
 from google.protobuf.wrappers_pb2 import Int64Value, StringValue
 
 from {{ cookiecutter.package_name }}.events import cloudevents_pb2
+from {{ cookiecutter.package_name }}.runtime import Context, Router
 from {{ cookiecutter.package_name }}.runtime.envelope import (
     CloudEventsProtobufCodec,
     Envelope,
     TypeRegistry,
+    dataschema_of,
     derive_event_id,
 )
 from {{ cookiecutter.package_name }}.runtime.errors import UndecodableEvent
+from {{ cookiecutter.package_name }}.runtime.testing import ServiceHarness
 
 CODEC = CloudEventsProtobufCodec(TypeRegistry([StringValue]))
 
@@ -187,3 +191,56 @@ def test_payload_types_from_another_descriptor_pool_decode() -> None:
 def test_derived_ids_are_stable_and_distinct() -> None:
     assert derive_event_id("a", 0) == derive_event_id("a", 0)
     assert len({derive_event_id("a", 0), derive_event_id("a", 1), derive_event_id("b", 0)}) == 3
+
+
+FIELD = descriptor_pb2.FieldDescriptorProto
+
+
+def thing_class(
+    n_type: int = FIELD.TYPE_INT64, money_type: int = FIELD.TYPE_INT64
+) -> type[Message]:
+    """other.Thing {n; Money price} in a pool of its own, field types as given."""
+    pool = descriptor_pool.DescriptorPool()
+    file = descriptor_pb2.FileDescriptorProto(name="other/thing.proto", package="other")
+    money = file.message_type.add(name="Money")
+    money.field.add(name="cents", number=1, type=money_type, label=FIELD.LABEL_OPTIONAL)
+    thing = file.message_type.add(name="Thing")
+    thing.field.add(name="n", number=1, type=n_type, label=FIELD.LABEL_OPTIONAL)
+    thing.field.add(
+        name="price",
+        number=2,
+        type=FIELD.TYPE_MESSAGE,
+        type_name=".other.Money",
+        label=FIELD.LABEL_OPTIONAL,
+    )
+    pool.Add(file)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("other.Thing"))
+
+
+def test_events_name_their_type_and_schema_version_in_dataschema() -> None:
+    data = CODEC.encode(Envelope("e-1", "google.protobuf.StringValue", "urn:x", StringValue()))
+    schema = cloudevents_pb2.CloudEvent.FromString(data).attributes["dataschema"].ce_uri
+    assert re.fullmatch(r"urn:protobuf:google\.protobuf\.StringValue:[0-9a-f]{12}", schema)
+    assert CODEC.decode(data).dataschema == schema
+
+
+def test_the_schema_version_follows_the_schema_not_the_service() -> None:
+    version = dataschema_of(thing_class())
+    assert dataschema_of(thing_class()) == version  # the same .proto in another service
+    assert dataschema_of(thing_class(n_type=FIELD.TYPE_INT32)) != version
+    assert dataschema_of(thing_class(money_type=FIELD.TYPE_INT32)) != version  # a nested type
+
+
+async def test_emitted_events_carry_their_dataschema() -> None:
+    router = Router()
+
+    @router.handles(StringValue)
+    async def echo(event: StringValue, ctx: Context) -> None:
+        ctx.emit(Int64Value(value=len(event.value)), key="k")
+
+    service = ServiceHarness(router)
+    await service.publish(StringValue(value="abc"), key="k")
+    await service.run_until_idle()
+    [emitted] = service.emitted(Int64Value)
+    assert emitted.dataschema == dataschema_of(Int64Value)
+    assert emitted.dataschema.startswith("urn:protobuf:google.protobuf.Int64Value:")

@@ -1,4 +1,4 @@
-"""The service's command line: run, healthcheck, emit, types, demo, config, and the
+"""The service's command line: run, healthcheck, emit, types, demo, config, asyncapi, and the
 operator commands (tail, dlq, replay: one module each under operator/)."""
 
 from __future__ import annotations
@@ -72,6 +72,12 @@ def _parser() -> argparse.ArgumentParser:
         help="instead: name each variable with this service's prefix in these files or "
         "folders that is not a setting (left by a renamed or removed one); exit 1 if any",
     )
+    asyncapi = commands.add_parser(
+        "asyncapi", help="write the AsyncAPI 3.0 document of the events consumed and produced"
+    )
+    asyncapi.add_argument(
+        "--output", type=Path, default=None, help="write it to this file (default: stdout)"
+    )
     for command in OPERATOR_COMMANDS.values():
         command.register(commands)
     return parser
@@ -97,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_emit(settings, args.type, args.data, args.key, args.event_id))
         if args.command == "demo":
             return _demo(settings)
+        if args.command == "asyncapi":
+            return _asyncapi(settings, args.output)
         if (operator_command := OPERATOR_COMMANDS.get(args.command)) is not None:
             return _operate(settings, operator_command.run, args)
         return _run(settings)
@@ -199,6 +207,23 @@ async def _emit(
             file=sys.stderr,
         )
     print(json.dumps({"id": envelope.id, "type": type_name, "key": key, **where}))
+    return 0
+
+
+def _asyncapi(settings: Settings, output: Path | None) -> int:
+    from ..handlers import router
+    from .asyncapi import document
+
+    known = [message_type for message_type, _ in event_registry(router).unpacking.values()]
+    text = json.dumps(document(settings, router, known), indent=2)
+    if output is None:
+        print(text)
+        return 0
+    try:
+        output.write_text(text + "\n", encoding="utf-8")
+    except OSError as error:
+        raise CommandFailed(f"cannot write {output}: {error.strerror}") from None
+    print(f"wrote {output}", file=sys.stderr)
     return 0
 
 

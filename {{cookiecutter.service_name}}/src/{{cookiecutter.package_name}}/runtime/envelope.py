@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import pkgutil
 import uuid
@@ -48,6 +49,47 @@ def event_type_of(message: Message | type[Message]) -> str:
     return str(message.DESCRIPTOR.full_name)
 
 
+def dataschema_of(message_type: type[Message]) -> str:
+    """`dataschema` of the events of a type: `urn:protobuf:<type>:<schema version>`. The
+    version is a fingerprint of the schema (see _schema_version): the same in every
+    service that has the same .proto, changed by any change of a field (comments aside),
+    so a consumer or the archive can tell which schema produced an event. Once per type."""
+    uri = _dataschemas.get(message_type)
+    if uri is None:
+        descriptor = message_type.DESCRIPTOR
+        uri = f"urn:protobuf:{descriptor.full_name}:{_schema_version(descriptor)}"
+        _dataschemas[message_type] = uri
+    return uri
+
+
+_dataschemas: dict[type[Message], str] = {}
+
+
+def _schema_version(descriptor: Any) -> str:
+    """12 hex digits of the SHA-256 of the message's descriptor and those of the message
+    and enum types its fields use, transitively (a change in a nested type counts)."""
+    digest = hashlib.sha256()
+    seen: set[str] = set()
+    todo: list[Any] = [descriptor]
+    while todo:
+        current = todo.pop()
+        if current.full_name in seen:
+            continue
+        seen.add(current.full_name)
+        proto: Any = (
+            descriptor_pb2.DescriptorProto()
+            if isinstance(current, Descriptor)
+            else descriptor_pb2.EnumDescriptorProto()
+        )
+        current.CopyToProto(proto)
+        digest.update(current.full_name.encode() + b"\0")
+        digest.update(proto.SerializeToString(deterministic=True))
+        if isinstance(current, Descriptor):
+            for field in current.fields:
+                todo.extend(t for t in (field.message_type, field.enum_type) if t is not None)
+    return digest.hexdigest()[:12]
+
+
 class Envelope:
     """One event: CloudEvents attributes plus the decoded payload (None for unknown types).
 
@@ -59,7 +101,17 @@ class Envelope:
     event) has the event dead-lettered.
     """
 
-    __slots__ = ("_extensions", "_time", "_wire", "id", "payload", "source", "subject", "type")
+    __slots__ = (
+        "_dataschema",
+        "_extensions",
+        "_time",
+        "_wire",
+        "id",
+        "payload",
+        "source",
+        "subject",
+        "type",
+    )
 
     def __init__(
         self,
@@ -70,6 +122,7 @@ class Envelope:
         subject: str = "",
         time: datetime | None = None,
         extensions: Mapping[str, str] | None = None,
+        dataschema: str = "",
     ) -> None:
         self.id = id
         self.type = type
@@ -77,6 +130,7 @@ class Envelope:
         self.payload = payload
         self.subject = subject
         self._time = time
+        self._dataschema = dataschema
         self._extensions: Mapping[str, str] = {} if extensions is None else extensions
         self._wire: bytes | None = None
 
@@ -92,12 +146,23 @@ class Envelope:
             self._read_wire()
         return self._extensions
 
+    @property
+    def dataschema(self) -> str:
+        """The schema its producer named (`urn:protobuf:<type>:<version>` from a template
+        service, see `dataschema_of`); "" if none. Encoding writes the payload's own."""
+        if self._wire is not None:
+            self._read_wire()
+        return self._dataschema
+
     def _read_wire(self) -> None:
         assert self._wire is not None
         attributes = _CloudEvent.FromString(self._wire).attributes
         stamp = attributes.get("time")
         if stamp is not None and stamp.HasField("ce_timestamp"):
             self._time = _to_datetime("time", stamp.ce_timestamp)
+        schema = attributes.get("dataschema")
+        if schema is not None:
+            self._dataschema = schema.ce_uri or _attribute_text("dataschema", schema)
         self._extensions = {
             name: _attribute_text(name, value)
             for name, value in attributes.items()
@@ -156,12 +221,13 @@ class TypeRegistry:
 
     @classmethod
     def from_package(cls, package: ModuleType) -> TypeRegistry:
-        """Every message defined in the generated `*_pb2` modules of `package`."""
+        """Every message defined in the generated `*_pb2` modules of `package`, its
+        subpackages included (where other teams' files are generated)."""
         registry = cls()
-        for module_info in pkgutil.iter_modules(package.__path__):
+        for module_info in pkgutil.walk_packages(package.__path__, f"{package.__name__}."):
             if not module_info.name.endswith("_pb2"):
                 continue
-            module = importlib.import_module(f"{package.__name__}.{module_info.name}")
+            module = importlib.import_module(module_info.name)
             for name in module.DESCRIPTOR.message_types_by_name:
                 message_type = getattr(module, name)
                 if message_type is not _CloudEvent:
@@ -206,7 +272,7 @@ class CloudEventsProtobufCodec:
         )
         attributes = event.attributes
         attributes["datacontenttype"].ce_string = PAYLOAD_CONTENT_TYPE
-        attributes["dataschema"].ce_uri = TYPE_URL_PREFIX + envelope.type
+        attributes["dataschema"].ce_uri = dataschema_of(type(envelope.payload))
         if envelope.subject:
             attributes["subject"].ce_string = envelope.subject
         if envelope.time is not None:
