@@ -145,14 +145,16 @@ class ContentModes:
             for name, value in attributes.items()
             if name not in _CORE and value is not None
         }
-        content_type = attributes.get("datacontenttype")
+        time = _time(attributes.get("time"))  # the attributes are checked before the data
+        media = _media_type(attributes.get("datacontenttype"))
+        payload = self._payload(event_type, media, data)
         return Envelope(
             event_id,
             event_type,
             source,
-            self._payload(event_type, _media_type(content_type), data),
+            payload,
             subject if isinstance(subject, str) else "",
-            _time(attributes.get("time")),
+            time,
             extensions,
         )
 
