@@ -222,6 +222,12 @@ BAD: dict[str, tuple[bytes, dict[str, str], str, str]] = {
         "undecodable",
         "base64",
     ),
+    "structured data_base64 not a string": (
+        structured("s9", data_base64=12345678),
+        STRUCTURED,
+        "undecodable",
+        "not a string",
+    ),
     "structured json data not the type": (
         structured("s6", data={"requestStreaming": "maybe"}),
         STRUCTURED,

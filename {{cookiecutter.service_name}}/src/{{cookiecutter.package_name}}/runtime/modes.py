@@ -113,7 +113,9 @@ class ContentModes:
             if data is not _NO_DATA:
                 raise UndecodableEvent("invalid-envelope", "has both data and data_base64")
             try:
-                data = base64.b64decode(str(encoded), validate=True)
+                if not isinstance(encoded, str):
+                    raise ValueError(f"a JSON {type(encoded).__name__}, not a string")
+                data = base64.b64decode(encoded, validate=True)
             except (binascii.Error, ValueError) as error:
                 raise UndecodableEvent(
                     "undecodable", f"data_base64 is not base64: {error}"
