@@ -53,8 +53,8 @@ class Intake:
                     reaction.dead.append(DeadLetterRecord(message, "oversized", size))
                     continue
                 try:
-                    # The mode is the modes stage's to tell; an event of this service's own
-                    # (native) content type costs one header lookup before its codec.
+                    # This service's own content type goes straight to the codec, for one
+                    # header lookup; runtime/modes.py tells every other mode apart.
                     envelope = (
                         decode(body)
                         if message.headers.get(content_type) == native
