@@ -7,8 +7,11 @@ import contextlib
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from cloudevents.core.base import BaseCloudEvent
+from cloudevents.core.bindings import kafka as kafka_binding
+from cloudevents.core.formats.json import JSONFormat
 
 from {{ cookiecutter.package_name }}.runtime.brokers.base import text_headers
 from {{ cookiecutter.package_name }}.runtime.brokers.kafka import bootstrap_servers
@@ -94,3 +97,27 @@ async def waiting_for(settings: Settings, topic: str) -> int:
         return sum((consumer.highwater(p) or 0) - committed[p] for p in partitions)
     finally:
         await consumer.stop()
+
+
+# How the official CloudEvents SDK puts an event on Kafka (its Kafka protocol binding).
+SDK_MODES = {
+    "kafka binary": kafka_binding.to_binary,
+    "kafka structured json": kafka_binding.to_structured,
+}
+
+
+async def send_sdk_events(
+    settings: Settings, topic: str, events: Sequence[tuple[str, BaseCloudEvent]]
+) -> None:
+    """Each (mode, event) as the SDK renders it, sent with a plain Kafka producer."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers(settings.broker_url))
+    await producer.start()
+    try:
+        for mode, event in events:
+            record = SDK_MODES[mode](event, JSONFormat())
+            key = record.key.encode() if isinstance(record.key, str) else record.key
+            await producer.send_and_wait(
+                topic, record.value, key=key, headers=list(record.headers.items())
+            )
+    finally:
+        await producer.stop()

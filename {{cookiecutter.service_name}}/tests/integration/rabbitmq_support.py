@@ -5,11 +5,19 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import aio_pika
+from cloudevents.core.base import BaseCloudEvent
+from cloudevents.core.bindings import amqp as amqp_binding
+from cloudevents.core.bindings import rabbitmq as rabbitmq_binding
+from cloudevents.core.formats.json import JSONFormat
 
-from {{ cookiecutter.package_name }}.runtime.brokers.rabbitmq import RabbitMQBroker
-from {{ cookiecutter.package_name }}.runtime.config import Settings
+from {{ cookiecutter.package_name }}.runtime.brokers.rabbitmq import (
+    RabbitMQBroker,
+    RabbitMQSettings,
+)
+from {{ cookiecutter.package_name }}.runtime.config import Settings, load_model
 
 # Reading stops once this says the parked messages seen so far are enough.
 Enough = Callable[[list[tuple[bytes, dict[str, str]]]], bool]
@@ -81,3 +89,47 @@ async def drop_connection(broker: RabbitMQBroker) -> None:
     connection = broker._connection
     assert connection is not None and connection.transport is not None
     await connection.transport.connection.close(ConnectionError("dropped by a test"))
+
+
+# (content type, headers, body) of an event as the official CloudEvents SDK renders it.
+Wire = tuple[str | None, dict[str, Any], bytes]
+
+
+def _amqp(event: BaseCloudEvent, structured: bool) -> Wire:
+    """The AMQP binding: application properties are RabbitMQ's headers, the content-type
+    property its content type."""
+    convert = amqp_binding.to_structured if structured else amqp_binding.to_binary
+    message = convert(event, JSONFormat())
+    content_type = message.properties.get("content-type")
+    return content_type, dict(message.application_properties), message.application_data
+
+
+def _rabbitmq(event: BaseCloudEvent) -> Wire:
+    """RabbitMQ's own binding (`ce-` headers)."""
+    message = rabbitmq_binding.to_binary(event, JSONFormat())
+    return message.content_type, dict(message.headers), message.body
+
+
+SDK_MODES: dict[str, Callable[[BaseCloudEvent], Wire]] = {
+    "amqp binary": lambda event: _amqp(event, structured=False),
+    "amqp structured json": lambda event: _amqp(event, structured=True),
+    "rabbitmq binary": _rabbitmq,
+}
+
+
+async def send_sdk_events(
+    settings: Settings, topic: str, events: Sequence[tuple[str, BaseCloudEvent]]
+) -> None:
+    """Each (mode, event) as the SDK renders it, published with plain aio-pika to the
+    service's topic exchange."""
+    exchange_name = load_model(RabbitMQSettings).amqp_exchange
+    connection = await aio_pika.connect(settings.broker_url)
+    try:
+        channel = await connection.channel()
+        exchange = await channel.get_exchange(exchange_name)
+        for mode, event in events:
+            content_type, headers, body = SDK_MODES[mode](event)
+            message = aio_pika.Message(body, headers=headers, content_type=content_type)
+            await exchange.publish(message, routing_key=topic)
+    finally:
+        await connection.close()

@@ -13,11 +13,15 @@ to search longer locally). Hypothesis prints the seed and the smallest failing i
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
 import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
 
 from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -37,6 +41,7 @@ from {{ cookiecutter.package_name }}.runtime.errors import (
     InvalidEnvelope,
     UndecodableEvent,
 )
+from {{ cookiecutter.package_name }}.runtime.modes import BINARY_PREFIXES, ContentModes
 from {{ cookiecutter.package_name }}.runtime.testing import ServiceHarness
 
 from .conftest import FAST
@@ -296,11 +301,18 @@ def test_the_loop_parks_each_bad_message_once_and_handles_each_good_one_once(
 
     asyncio.run(service.run_until_idle())  # raises whatever escaped the loop
 
+    check_the_loop(service, handled, [(data, expected(data, MAX_BYTES)) for data in batch])
+
+
+def check_the_loop(
+    service: ServiceHarness, handled: list[str], published: list[tuple[bytes, Expected]]
+) -> None:
+    """The loop parked each bad message once with the oracle's reason, and handled each
+    good event once (`published`: each message's bytes and what it must come to)."""
     want_parked: Counter[tuple[bytes, str]] = Counter()
     want_handled: list[str] = []
     seen: set[str] = set()
-    for data in batch:
-        want = expected(data, MAX_BYTES)
+    for data, want in published:
         if want.dead:
             want_parked[data, want.dead] += 1
         elif want.event_id not in seen:  # later deliveries of an id are duplicates
@@ -317,3 +329,171 @@ def test_the_loop_parks_each_bad_message_once_and_handles_each_good_one_once(
     assert len(handled) == len(set(handled))
     assert service.stats.retries == 0  # nothing here is transient
     assert service.bus.pending(service.group) == 0
+
+
+# --- CloudEvents from other producers: binary and structured JSON modes ------------------
+# The same oracle's outcomes for events as a producer on the CloudEvents SDK sends them
+# (runtime/modes.py; docs/producers.md says what each mode must come to).
+
+PROTOBUF_TYPES = [None, "application/protobuf", "application/x-protobuf; proto=x"]
+JSON_TYPES = ["application/json", "text/json; charset=utf-8", "application/vnd.x+json"]
+OTHER_TYPES = ["text/plain", "application/xml"]
+STRUCTURED_JSON = {"content-type": "application/cloudevents+json; charset=utf-8"}
+good_times = st.datetimes(timezones=st.just(UTC)).map(lambda t: t.isoformat())
+bad_times = st.sampled_from(["yesterday", "2026-13-01T00:00:00Z", "12:00"])
+json_values = st.one_of(texts, st.integers(), st.none(), st.lists(texts, max_size=2))
+
+
+@dataclass(frozen=True)
+class Foreign:
+    """An event in another mode: its bytes and headers, and what it must come to."""
+
+    body: bytes
+    headers: dict[str, str]
+    want: Expected
+
+
+@st.composite
+def foreign_attributes(draw: st.DrawFn) -> tuple[dict[str, Any], str]:
+    """Attributes as another producer sets them, perhaps one broken; what is wrong with
+    them ("" if nothing), as the spec says."""
+    attributes: dict[str, Any] = {
+        "specversion": "1.0",
+        "id": draw(ids),
+        "source": "urn:fuzz",
+        "type": draw(st.sampled_from([KNOWN_TYPE, KNOWN_TYPE, OTHER_TYPE])),
+    }
+    for name in draw(st.lists(st.sampled_from(sorted(attributes)), max_size=1)):
+        if draw(st.booleans()):
+            del attributes[name]
+        else:
+            attributes[name] = draw(st.sampled_from(["", "0.3"]))
+    if draw(st.booleans()):
+        attributes["time"] = draw(good_times | bad_times)
+    if draw(st.booleans()):
+        attributes["subject"] = draw(texts)
+    names = st.sampled_from(["traceparent", "correlationid", "tenant"])
+    attributes.update(draw(st.dictionaries(names, texts, max_size=2)))
+    required = [attributes.get(name) for name in ("id", "source", "type")]
+    if not all(required) or attributes.get("specversion") != "1.0":
+        return attributes, "invalid-envelope"
+    if "time" in attributes:
+        try:
+            datetime.fromisoformat(attributes["time"])
+        except ValueError:
+            return attributes, "invalid-envelope"
+    return attributes, ""
+
+
+def data_outcome(content_type: str | None, data: bytes | None, json_data: object) -> str:
+    """What StringValue data comes to ("" when it fits): protobuf bytes (`data`), or a
+    JSON value (`json_data`, when `data` is None), read as the content type says."""
+    media = (content_type or "").partition(";")[0].strip()
+    if data is not None and media in ("", "application/protobuf", "application/x-protobuf"):
+        try:
+            StringValue.FromString(data)
+        except DecodeError:
+            return "schema-mismatch"
+        return ""
+    if media not in ("", "application/json", "text/json") and not media.endswith("+json"):
+        return "unsupported-content-type"
+    if data is not None:
+        try:
+            json_data = json.loads(data)
+        except ValueError:
+            return "undecodable"
+    return "" if isinstance(json_data, str) else "json-mismatch"
+
+
+def foreign_expected(attributes: dict[str, Any], wrong: str, data: str) -> Expected:
+    if wrong:
+        return Expected(dead=wrong)
+    if attributes["type"] != KNOWN_TYPE:
+        return Expected(event_id=attributes["id"], known=False)
+    if data:
+        return Expected(dead=data)
+    return Expected(event_id=attributes["id"], known=True)
+
+
+@st.composite
+def binary_events(draw: st.DrawFn) -> Foreign:
+    attributes, wrong = draw(foreign_attributes())
+    prefix = draw(st.sampled_from(BINARY_PREFIXES))
+    headers = {prefix + name: str(value) for name, value in attributes.items()}
+    if "specversion" not in attributes:  # else it is no binary-mode message at all
+        headers[prefix + "specversion"] = "0.3"
+    content_type = draw(st.sampled_from(PROTOBUF_TYPES + JSON_TYPES + OTHER_TYPES))
+    if content_type is not None:
+        headers["content-type"] = content_type
+    value = draw(texts)
+    body = draw(
+        st.sampled_from([StringValue(value=value).SerializeToString(), json.dumps(value).encode()])
+        | st.builds(lambda v: json.dumps(v).encode(), json_values)
+        | st.binary(max_size=12)
+    )
+    return Foreign(
+        body, headers, foreign_expected(attributes, wrong, data_outcome(content_type, body, None))
+    )
+
+
+@st.composite
+def structured_events(draw: st.DrawFn) -> Foreign:
+    attributes, wrong = draw(foreign_attributes())
+    how = draw(st.sampled_from(["data", "data_base64", "none", "garbage"]))
+    if how == "garbage":
+        body = draw(st.sampled_from([b"", b"[1]", b"{", b"\xff"]) | st.binary(max_size=12))
+        return Foreign(body, STRUCTURED_JSON, Expected(dead="undecodable"))
+    data = "schema-mismatch"  # no data at all
+    if how == "data":
+        attributes["data"] = draw(json_values)
+        data = data_outcome(None, None, attributes["data"])
+    elif how == "data_base64":
+        encoded = draw(
+            st.builds(lambda v: StringValue(value=v).SerializeToString(), texts)
+            | st.binary(max_size=12)
+        )
+        attributes["datacontenttype"] = "application/protobuf"
+        attributes["data_base64"] = base64.b64encode(encoded).decode()
+        data = data_outcome("application/protobuf", encoded, None)
+    body = json.dumps(attributes).encode()
+    return Foreign(body, STRUCTURED_JSON, foreign_expected(attributes, wrong, data))
+
+
+foreign_events = binary_events() | structured_events()
+
+
+@FUZZ
+@given(event=foreign_events)
+def test_other_modes_decode_totally_and_agree_with_the_spec(event: Foreign) -> None:
+    modes = ContentModes(CloudEventsProtobufCodec(TypeRegistry([StringValue])))
+    try:
+        envelope = modes.decode_bytes(event.body, event.headers)
+    except UndecodableEvent as error:
+        assert ("dead", error.reason) == ("dead", event.want.dead)
+        return
+    read_everything(envelope)  # attributes of other modes are read when decoded
+    assert not event.want.dead
+    assert (envelope.id, envelope.payload is not None) == (event.want.event_id, event.want.known)
+
+
+# Fewer batches than the native loop property: the decoding property above tries every
+# mode's outcomes; this one checks that the loop mixes modes alike (CI's time budget).
+@settings(FUZZ, max_examples=max(1, EXAMPLES // 3))
+@given(
+    batch=st.lists(
+        foreign_events | messages.map(lambda data: Foreign(data, {}, expected(data, MAX_BYTES))),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_the_loop_takes_every_mode_alike(batch: list[Foreign]) -> None:
+    """Native and other producers' events mixed: the same id in two modes is a duplicate."""
+    handled: list[str] = []
+    service = ServiceHarness(reading_router(handled), **FAST, max_message_bytes=MAX_BYTES)
+    topic = service.settings.topic_for(KNOWN_TYPE)
+    for event in batch:
+        service.publish_raw(event.body, topic, headers=event.headers)
+
+    asyncio.run(service.run_until_idle())
+
+    check_the_loop(service, handled, [(event.body, event.want) for event in batch])

@@ -143,6 +143,36 @@ async def test_a_redrive_cut_short_after_publishing_runs_the_handler_once(
     assert service.handled == [event_id]
 
 
+async def test_an_event_of_another_producer_is_listed_shown_and_redriven_once(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A CloudEvent in binary content mode (ce_ headers, protobuf data): parked with its
+    headers, read by the operator commands, redriven in the same mode."""
+    service = Service()
+    assert MESSAGE_TYPE is not None
+    headers = {
+        "ce_specversion": "1.0",
+        "ce_id": "java-1",
+        "ce_source": "urn:java",
+        "ce_type": EVENT_TYPE,
+        "ce_subject": "k-9",
+        "content-type": "application/protobuf",
+    }
+    body = MESSAGE_TYPE().SerializeToString()
+    service.bus.put(OutboundMessage(service.topic, body, "k-9", headers))
+    assert (await service.run_until_idle()).dead_lettered == {"broken": 1}
+    service.fixed = True
+
+    [group] = json.loads(await service.operate(capsys, "dlq", "list", "--json"))["groups"]
+    assert (group["type"], group["ids"]) == (EVENT_TYPE, ["java-1"])
+    shown = json.loads(await service.operate(capsys, "dlq", "show", "java-1", "--json"))
+    [parked] = shown["parked"]
+    assert (parked["subject"], parked["payload"]) == ("k-9", {})
+    assert (await service.summary(capsys, "dlq", "redrive"))["republished"] == 1
+    assert (await service.run_until_idle()).handled == 1
+    assert service.handled == ["java-1"]
+
+
 async def test_a_redrive_of_another_group_is_a_duplicate_here() -> None:
     service = Service()
     service.fixed = True

@@ -239,6 +239,7 @@ class EnvelopeCodec(Protocol):
     """Turns envelopes into bytes and back. `decode` raises UndecodableEvent, never more."""
 
     content_type: str
+    registry: TypeRegistry  # what other content modes map their data onto (runtime/modes.py)
 
     def encode(self, envelope: Envelope) -> bytes: ...
 

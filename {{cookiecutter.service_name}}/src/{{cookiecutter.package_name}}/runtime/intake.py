@@ -7,10 +7,11 @@ from collections.abc import Sequence
 from itertools import groupby
 from operator import attrgetter
 
-from .brokers.base import DeadLetterRecord, InboundMessage
+from .brokers.base import CONTENT_TYPE_HEADER, DeadLetterRecord, InboundMessage
 from .dedupe import REDRIVE_HEADER, digest, redriven_id
 from .envelope import EnvelopeCodec
 from .errors import UndecodableEvent
+from .modes import ContentModes
 from .reaction import Reaction, Work
 from .router import Router
 from .streams import Streams
@@ -24,6 +25,7 @@ class Intake:
         self, codec: EnvelopeCodec, router: Router, max_message_bytes: int, group: str
     ) -> None:
         self.codec = codec
+        self.modes = ContentModes(codec)  # CloudEvents from other producers
         self.router = router
         self.max_message_bytes = max_message_bytes
         self.group = group  # a redriven copy is new to the group it was redriven for
@@ -36,7 +38,8 @@ class Intake:
         run of one stream's messages (a partition's messages come together)."""
         work: WorkByKey = defaultdict(list)
         max_bytes, decode, handler_of = self.max_message_bytes, self.codec.decode, self.router.get
-        group = self.group
+        group, decode_other = self.group, self.modes.decode
+        content_type, native = CONTENT_TYPE_HEADER, self.codec.content_type
         seen_in_batch: dict[str, set[bytes]] = defaultdict(set)
         for stream, run in groupby(batch, key=attrgetter("stream")):
             state = streams[stream]
@@ -50,7 +53,13 @@ class Intake:
                     reaction.dead.append(DeadLetterRecord(message, "oversized", size))
                     continue
                 try:
-                    envelope = decode(body)
+                    # This service's own content type goes straight to the codec, for one
+                    # header lookup; runtime/modes.py tells every other mode apart.
+                    envelope = (
+                        decode(body)
+                        if message.headers.get(content_type) == native
+                        else decode_other(message)
+                    )
                 except UndecodableEvent as error:
                     reaction.dead.append(DeadLetterRecord(message, error.reason, error.detail))
                     continue

@@ -33,6 +33,7 @@ from ..config import Settings
 from ..dedupe import REDRIVE_HEADER
 from ..envelope import EnvelopeCodec
 from ..errors import CommandFailed, ConfigError, DeadLetter, UndecodableEvent
+from ..modes import ContentModes
 
 _AGE = re.compile(r"(\d+(?:\.\d+)?)(s|m|h|d|w)")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -175,7 +176,7 @@ def describe(codec: EnvelopeCodec, record: Record) -> dict[str, Any]:
         "bus_time": _iso(record.at),
     }
     try:
-        envelope = codec.decode(message.body)
+        envelope = ContentModes(codec).decode_bytes(message.body, message.headers)
     except UndecodableEvent as error:
         view["error"] = f"{error.reason}: {error.detail}"
         view["body_base64"] = base64.b64encode(message.body).decode()
