@@ -122,6 +122,43 @@ async def test_next_batch_is_handled_while_the_last_is_made_durable() -> None:
     assert stats.duplicates == 1
 
 
+async def test_the_next_group_publishes_while_the_last_is_checkpointed() -> None:
+    """Group commit is pipelined: a group's emitted events go out while the group before
+    it is being checkpointed; its own checkpoint and ack wait for that group's ack."""
+    bus, settings, handled, router = echo_bus()
+    journal = Journal()
+    release = asyncio.Event()
+
+    class HeldStore(MemoryStateStore):
+        async def commit(self, checkpoint: Checkpoint) -> None:
+            journal.entries.append("checkpoint begins")
+            await release.wait()
+            await super().commit(checkpoint)
+            journal.entries.append("checkpoint")
+
+    await publish_to(bus, router, StringValue(value="first"))
+    broker = JournalingBroker(bus, settings.consumer_group, journal)
+    store = HeldStore(1000, 3600, time.time)
+    running = RunningLoop(make_loop(router, bus, store, settings, broker))
+    await running.wait_until(lambda: "checkpoint begins" in journal.entries)
+    await publish_to(bus, router, StringValue(value="second"))
+    # The second group's events are confirmed while the first group's checkpoint is held.
+    await running.wait_until(lambda: journal.entries.count("publish:2") == 2)
+    assert journal.entries == ["publish:2", "checkpoint begins", "publish:2"]
+    assert bus.pending(settings.consumer_group) == 2  # nothing acked
+    release.set()
+    await running.wait_until(lambda: bus.pending(settings.consumer_group) == 0)
+    await running.stop_gracefully()
+    assert handled == ["first", "second"]
+    assert journal.entries[3:] == [
+        "checkpoint",
+        "ack:1",
+        "checkpoint begins",
+        "checkpoint",
+        "ack:1",
+    ]
+
+
 class CountingStore(MemoryStateStore):
     """Counts its commits (one per stream per group of batches)."""
 

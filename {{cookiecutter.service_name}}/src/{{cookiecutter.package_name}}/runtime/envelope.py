@@ -212,9 +212,12 @@ class CloudEventsProtobufCodec:
     def encode(self, envelope: Envelope) -> bytes:
         if envelope.payload is None:
             raise ValueError(f"envelope {envelope.id} has no payload to encode")
-        type_url = TYPE_URL_PREFIX + envelope.type
-        # What Any.Pack does, without its per-call descriptor lookups.
-        packed = any_pb2.Any(type_url=type_url, value=envelope.payload.SerializeToString())
+        payload = envelope.payload
+        # What Any.Pack does (the URL names the payload's own type), without its overhead.
+        packed = any_pb2.Any(
+            type_url=TYPE_URL_PREFIX + payload.DESCRIPTOR.full_name,
+            value=payload.SerializeToString(),
+        )
         event = _CloudEvent(
             id=envelope.id,
             source=envelope.source,
@@ -224,7 +227,7 @@ class CloudEventsProtobufCodec:
         )
         attributes = event.attributes
         attributes["datacontenttype"].ce_string = PAYLOAD_CONTENT_TYPE
-        attributes["dataschema"].ce_uri = type_url
+        attributes["dataschema"].ce_uri = TYPE_URL_PREFIX + envelope.type
         if envelope.subject:
             attributes["subject"].ce_string = envelope.subject
         if envelope.time is not None:
