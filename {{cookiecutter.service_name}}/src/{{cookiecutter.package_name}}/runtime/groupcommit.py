@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -81,6 +82,8 @@ class GroupCommit:
         self.acked = acked  # told of each group once acked
         self._open: _Group | None = None  # the last group, while it takes batches
         self._last: _Group | None = None  # the last group, until its write was learnt
+        self._unacked: deque[_Group] = deque()  # every group not yet acked, oldest first
+        self._unacked_messages = 0
         self._last_write_at = -float("inf")
         # A group is written at once when this full; the bus must still be able to deliver
         # the next batch while it is written.
@@ -88,6 +91,9 @@ class GroupCommit:
         if broker.max_unacked is not None:
             room = broker.max_unacked - settings.batch_size
             self._full_at = max(1, min(self._full_at, room))
+        # What may wait unacked (and run again after a crash): two full groups, however
+        # many groups hold them.
+        self._most_unacked = 2 * self._full_at
 
     def next_write_at(self) -> float:
         """Monotonic time from which the next group may be written, unless it is due."""
@@ -112,11 +118,15 @@ class GroupCommit:
             group = _Group(list(batch), reaction, before=self._last)
             group.durable = asyncio.ensure_future(self._write(group))
             self._open = self._last = group
+            self._unacked.append(group)
+        self._unacked_messages += len(batch)
         if len(group.messages) >= self._full_at:
             group.due.set()
-            before = group.before
-            if before is not None and before.durable is not None:
-                await before.durable  # hold no more than one full group in memory
+        while self._unacked_messages >= self._most_unacked and self._unacked:
+            oldest = self._unacked[0]
+            oldest.due.set()
+            assert oldest.durable is not None
+            await oldest.durable  # until the oldest group is acked (or raises why not)
 
     async def settle(self) -> None:
         """Make every handled batch durable now and wait until it is acked; raises what
@@ -132,14 +142,13 @@ class GroupCommit:
 
     async def abandon(self) -> None:
         """Drop the groups not yet acked (they will be redelivered): each one's write is
-        cancelled (a group waiting for the one before to publish does not cancel that)."""
-        group, self._last, self._open = self._last, None, None
-        writes = []
-        while group is not None:
-            if group.durable is not None:
-                group.durable.cancel()
-                writes.append(group.durable)
-            group = group.before
+        cancelled (a group waiting for the one before it to publish does not cancel it)."""
+        writes = [group.durable for group in self._unacked if group.durable is not None]
+        self._last, self._open = None, None
+        self._unacked.clear()
+        self._unacked_messages = 0
+        for write in writes:
+            write.cancel()
         await asyncio.gather(*writes, return_exceptions=True)
 
     async def _write(self, group: _Group) -> None:
@@ -172,6 +181,9 @@ class GroupCommit:
             await self.outages.until_done("checkpoint", lambda: self._checkpoint(reaction))
             self.metrics.checkpoint_duration.record(self.clock.monotonic() - started)
         await self.outages.until_done("ack", lambda: self.broker.ack(batch))
+        if self._unacked and self._unacked[0] is group:  # else abandoned meanwhile
+            self._unacked.popleft()
+            self._unacked_messages -= len(batch)
         self.acked(len(batch), reaction)
 
     async def _checkpoint(self, reaction: Reaction) -> None:
