@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Sequence
 import pytest
 from google.protobuf.wrappers_pb2 import Int64Value, StringValue
 
-from {{ cookiecutter.package_name }}.runtime import Context, DeadLetter, RetryLater, Router, groupcommit
+from {{ cookiecutter.package_name }}.runtime import Context, DeadLetter, RetryLater, Router
 from {{ cookiecutter.package_name }}.runtime.brokers.base import (
     DLQ_ORIGIN,
     DLQ_REASON,
@@ -263,7 +263,8 @@ async def test_no_more_than_two_full_groups_wait_unacked(monkeypatch: pytest.Mon
     """What may run again after a crash stays within two full groups and a batch (the
     documented bound), however the pipelined groups were cut: here by fences (a stream
     taken over between batches), while the first group's checkpoint is held."""
-    monkeypatch.setattr(groupcommit, "MAX_GROUP_MESSAGES", 4)
+    group_limit = "{{ cookiecutter.package_name }}.runtime.groupcommit.MAX_GROUP_MESSAGES"
+    monkeypatch.setattr(group_limit, 4)
     release = asyncio.Event()
 
     class HeldStore(MemoryStateStore):
