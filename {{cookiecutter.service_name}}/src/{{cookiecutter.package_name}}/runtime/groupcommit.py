@@ -6,10 +6,10 @@ full (or closed to a batch handled under another fence): publish what it emitted
 wait for the bus to confirm, one store write per stream, then one ack. Groups are
 written in order, pipelined: a group publishes once the group before it was confirmed by
 the bus (and the one before that acked), and writes its checkpoint and acks once the
-group before it was acked. So
-events go out in group order, checkpoints and acks stay in batch order, and nothing is
-acked before its own events are confirmed and its checkpoint is written; meanwhile the
-next batches are handled."""
+group before it was acked. So events go out in group order, checkpoints and acks stay
+in batch order, and nothing is acked before its own events are confirmed and its
+checkpoint is written; meanwhile the next batches are handled, until two full groups'
+messages wait unacked."""
 
 from __future__ import annotations
 
