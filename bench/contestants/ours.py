@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import statistics
+import sys
 import time
 import uuid
 from typing import Any
@@ -26,6 +27,14 @@ from .common import (
 # Handler shapes: what a contestant's service does with each event. All but `sample`
 # handle the `text` feed; `sample` is the baked service's own router (handlers.py).
 SHAPES = ("noop", "emit-one", "stateful", "sample")
+
+
+def start_like_the_service(bench: Bench, settings: Any) -> None:
+    """What `<service> run` does before its loop: logging at the settings' level (INFO: the
+    sample handler's debug lines are not written), to stderr here (stdout carries the
+    result), and its garbage-collection tuning."""
+    bench.module("runtime.logs").configure_logging(settings, sys.stderr)
+    bench.module("runtime.app").tune_garbage_collection()
 
 
 def router_for(bench: Bench, shape: str) -> Any:
@@ -91,7 +100,7 @@ async def ours(
         tracer_provider.add_span_processor(BatchSpanProcessor(Discard()))
     settings = bench.settings(run, name, **_prepare(bench, run, state))
     loop = app.build_loop(settings, router_for(bench, shape), tracer_provider=tracer_provider)
-    app.tune_garbage_collection()  # as `<service> run` does
+    start_like_the_service(bench, settings)
     clock = Clock(total)
     commits = 0
     fetch_batch, ack, commit = loop.broker.fetch_batch, loop.broker.ack, loop.state.commit
@@ -146,7 +155,7 @@ async def latency(bench: Bench, run: str, name: str, feed: Feed, shape: str) -> 
         async with connection:
             await declare_sink(bench, await connection.channel(), run)
     loop = app.build_loop(settings, router_for(bench, shape))
-    app.tune_garbage_collection()
+    start_like_the_service(bench, settings)
     waits: list[float] = []
     ack = loop.broker.ack
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import pytest
@@ -208,3 +209,43 @@ async def test_the_content_type_is_the_amqp_property_not_a_header(
         assert delivery.content_type == CONTENT_TYPE
         assert CONTENT_TYPE_HEADER not in delivery.headers
         assert message.headers[CONTENT_TYPE_HEADER] == CONTENT_TYPE  # as the loop sees it
+
+
+async def test_a_batch_is_published_under_one_wait_for_confirms_and_acked_by_one_multiple_ack(
+    real_backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Publisher confirms are awaited for a batch's messages together (every message is
+    sent before the first confirm is waited for), and a batch is acked by one
+    multiple-ack on its last delivery."""
+    settings = real_backend.settings()
+    topic = settings.topic_for("batched")
+    broker = real_backend.broker(settings)
+    assert isinstance(broker, RabbitMQBroker)
+    await broker.start([topic])
+    journal: list[str] = []
+    exchange = broker._exchange
+    assert exchange is not None
+    exchange_publish = exchange.publish
+
+    async def journaled_publish(message: Any, *args: Any, **kwargs: Any) -> Any:
+        journal.append("sent")
+        confirmed = await exchange_publish(message, *args, **kwargs)
+        journal.append("confirmed")
+        return confirmed
+
+    monkeypatch.setattr(exchange, "publish", journaled_publish)
+    await broker.publish([OutboundMessage(topic, b"m%d" % n) for n in range(50)])
+    assert journal == ["sent"] * 50 + ["confirmed"] * 50
+
+    acks: list[tuple[int, bool]] = []
+    incoming_ack = aio_pika.IncomingMessage.ack
+
+    async def counted_ack(self: Any, multiple: bool = False) -> None:
+        acks.append((self.delivery_tag, multiple))
+        await incoming_ack(self, multiple=multiple)
+
+    monkeypatch.setattr(aio_pika.IncomingMessage, "ack", counted_ack)
+    batch = await fetch_at_least(broker, 50)
+    await broker.ack(batch)
+    assert acks == [(max(message.position for message in batch), True)]
+    assert await fetch_for(broker, 1.0) == []

@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -204,3 +205,64 @@ async def test_a_large_commit_is_written_whole(new_store: StoreFactory) -> None:
     assert (len(loaded.records), loaded.progress) == (30_000, 30_000)
     found = await store.load_states("big", list(states))
     assert all(found[key].value == blob for key in states)
+
+
+@pytest.mark.servers
+async def test_etcd_sends_a_commits_key_states_at_once_and_the_ids_after_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """etcd takes 64 writes per transaction: a group's key states are split, and those
+    transactions are sent together (one round trip, not one per 64 keys); its ids only
+    once every state is written, the progress last. Reading many keys is one round trip
+    too."""
+    from {{ cookiecutter.package_name }}.runtime.state.etcd import EtcdStateStore
+
+    settings = Settings(state_url=etcd_url(), consumer_group=f"it-state-{uuid.uuid4().hex[:8]}")
+    store = open_state_store(settings)
+    assert isinstance(store, EtcdStateStore)
+    journal: list[str] = []
+    in_flight = 0
+    most_in_flight = 0
+    write = EtcdStateStore._write
+    call = EtcdStateStore._call
+
+    async def journaled_write(self: EtcdStateStore, client: Any, *args: Any) -> None:
+        kinds = "".join(sorted({_kind(put) for put in args[1]}))
+        journal.append(f"start {kinds}")
+        await write(self, client, *args)
+        journal.append(f"end {kinds}")
+
+    async def counted_call(self: EtcdStateStore, step: Any, *args: Any) -> Any:
+        nonlocal in_flight, most_in_flight
+        in_flight += 1
+        most_in_flight = max(most_in_flight, in_flight)
+        try:
+            return await call(self, step, *args)
+        finally:
+            in_flight -= 1
+
+    monkeypatch.setattr(EtcdStateStore, "_write", journaled_write)
+    await store.open()
+    try:
+        token = await store.take_over("s")
+        states = {f"key-{n}": KeyState(b'{"n":1}', (f"e-{n}",)) for n in range(200)}
+        processed = [f"e-{n}" for n in range(200)]
+        await store.commit(
+            Checkpoint("s", processed, time.time(), token, progress=9, states=states)
+        )
+        starts = [entry for entry in journal if entry.startswith("start")]
+        first_end = next(n for n, entry in enumerate(journal) if entry.startswith("end"))
+        assert journal[:first_end] == ["start s"] * 3  # 192 of the 200 states at once
+        assert journal[-2:] == ["start ips", "end ips"]  # 8 states, the ids, the progress
+        assert len(starts) == 4
+        monkeypatch.setattr(EtcdStateStore, "_call", counted_call)
+        found = await store.load_states("s", list(states))
+        assert all(state.value == b'{"n":1}' for state in found.values())
+        assert most_in_flight == 4  # 200 keys: four transactions, sent at once
+    finally:
+        await store.close()
+
+
+def _kind(put: Any) -> str:
+    """A key state (s), the stream's progress (p), or a record of ids (i)."""
+    return "s" if put.state_of else "p" if put.key.endswith(b"/progress") else "i"

@@ -6,12 +6,14 @@ import asyncio
 import time
 from collections.abc import Awaitable, Sequence
 
+import pytest
 from google.protobuf.wrappers_pb2 import Int64Value, StringValue
 
 from {{ cookiecutter.package_name }}.runtime import Context, DeadLetter, RetryLater, Router
 from {{ cookiecutter.package_name }}.runtime.brokers.base import (
     DLQ_ORIGIN,
     DLQ_REASON,
+    InboundMessage,
     OnRevoked,
 )
 from {{ cookiecutter.package_name }}.runtime.brokers.memory import MemoryBroker, MemoryBus
@@ -122,6 +124,43 @@ async def test_next_batch_is_handled_while_the_last_is_made_durable() -> None:
     assert stats.duplicates == 1
 
 
+async def test_the_next_group_publishes_while_the_last_is_checkpointed() -> None:
+    """Group commit is pipelined: a group's emitted events go out while the group before
+    it is being checkpointed; its own checkpoint and ack wait for that group's ack."""
+    bus, settings, handled, router = echo_bus()
+    journal = Journal()
+    release = asyncio.Event()
+
+    class HeldStore(MemoryStateStore):
+        async def commit(self, checkpoint: Checkpoint) -> None:
+            journal.entries.append("checkpoint begins")
+            await release.wait()
+            await super().commit(checkpoint)
+            journal.entries.append("checkpoint")
+
+    await publish_to(bus, router, StringValue(value="first"))
+    broker = JournalingBroker(bus, settings.consumer_group, journal)
+    store = HeldStore(1000, 3600, time.time)
+    running = RunningLoop(make_loop(router, bus, store, settings, broker))
+    await running.wait_until(lambda: "checkpoint begins" in journal.entries)
+    await publish_to(bus, router, StringValue(value="second"))
+    # The second group's events are confirmed while the first group's checkpoint is held.
+    await running.wait_until(lambda: journal.entries.count("publish:2") == 2)
+    assert journal.entries == ["publish:2", "checkpoint begins", "publish:2"]
+    assert bus.pending(settings.consumer_group) == 2  # nothing acked
+    release.set()
+    await running.wait_until(lambda: bus.pending(settings.consumer_group) == 0)
+    await running.stop_gracefully()
+    assert handled == ["first", "second"]
+    assert journal.entries[3:] == [
+        "checkpoint",
+        "ack:1",
+        "checkpoint begins",
+        "checkpoint",
+        "ack:1",
+    ]
+
+
 class CountingStore(MemoryStateStore):
     """Counts its commits (one per stream per group of batches)."""
 
@@ -218,6 +257,41 @@ def test_a_stream_taken_over_between_two_batches_is_not_written_in_one_group() -
     assert first.joins(Reaction(fences={"t:2": Fence("t:2", 7)}))
     assert not first.joins(Reaction(fences={"t:0": Fence("t:0", 2)}))
     assert not first.joins(Reaction(fences={"t:1": Fence("t:1", 3)}))
+
+
+async def test_no_more_than_two_full_groups_wait_unacked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What may run again after a crash stays within two full groups and a batch (the
+    documented bound), however the pipelined groups were cut: here by fences (a stream
+    taken over between batches), while the first group's checkpoint is held."""
+    group_limit = "{{ cookiecutter.package_name }}.runtime.groupcommit.MAX_GROUP_MESSAGES"
+    monkeypatch.setattr(group_limit, 4)
+    release = asyncio.Event()
+
+    class HeldStore(MemoryStateStore):
+        async def commit(self, checkpoint: Checkpoint) -> None:
+            await release.wait()
+
+    bus, router = MemoryBus(), echo_router([])
+    settings = fast_settings(batch_size=1, commit_interval_ms=60_000)
+    loop = make_loop(router, bus, HeldStore(1000, 3600, time.time), settings)
+    group_commit = loop.group_commit
+    accepted = 0
+    # Group 1 full (held in its checkpoint), group 2 cut short by a new fence, group 3.
+    for token in [1] * 4 + [2] * 3 + [3] * 4:
+        reaction = Reaction(fences={"s": Fence("s", token)})
+        reaction.processed["s"].append(f"id-{accepted}")
+        message = InboundMessage(b"", "t", "s", accepted)
+        adding = asyncio.ensure_future(group_commit.add([message], reaction))
+        accepted += 1
+        for _ in range(20):  # let every write run until it waits
+            await asyncio.sleep(0)
+        if not adding.done():
+            break  # the loop waits here: no more batches are fetched
+    try:
+        assert accepted <= 2 * 4 + settings.batch_size
+    finally:
+        await group_commit.abandon()
+        adding.cancel()
 
 
 async def test_a_batch_handled_behind_a_fenced_checkpoint_is_not_acked() -> None:

@@ -36,6 +36,7 @@ from {{ cookiecutter.package_name }}.runtime import Context, Router
 from {{ cookiecutter.package_name }}.runtime.app import build_loop
 from {{ cookiecutter.package_name }}.runtime.brokers.memory import MemoryBroker, MemoryBus
 from {{ cookiecutter.package_name }}.runtime.config import Settings
+from {{ cookiecutter.package_name }}.runtime.dispatch import Dispatcher
 from {{ cookiecutter.package_name }}.runtime.logs import configure_logging
 from {{ cookiecutter.package_name }}.runtime.spans import ConsumerSpans
 from {{ cookiecutter.package_name }}.runtime.state.memory import MemoryStateStore
@@ -142,6 +143,41 @@ async def test_log_lines_inside_a_handler_carry_event_and_trace_fields(
     assert inside["span_id"] == format(span.context.span_id, "016x")
     [library] = [line for line in lines if line["event"] == "a library speaks"]
     assert library["logger"] == "aiokafka"
+
+
+@pytest.mark.usefixtures("restore_logging")
+@pytest.mark.parametrize("level", ["INFO", "DEBUG"])
+async def test_a_handler_debug_line_binds_no_logger_while_debug_is_off(
+    level: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The sample handler logs at debug for every event: below the level that must cost
+    no logger bound to the event; at debug the line is written, bound as before."""
+    configure_logging(Settings(log_format="json", log_level=level))
+    binds = []
+    bind_event_log = Dispatcher.event_log
+
+    def counted(self: Dispatcher, *args: Any) -> Any:
+        binds.append(args)
+        return bind_event_log(self, *args)
+
+    monkeypatch.setattr(Dispatcher, "event_log", counted)
+    router = Router()
+
+    @router.handles(StringValue)
+    async def chatty(event: StringValue, ctx: Context) -> None:
+        ctx.log.debug("handling", value=event.value)
+
+    service = ServiceHarness(router, **FAST)
+    ids = [await service.publish(StringValue(value=str(n)), key="k") for n in range(3)]
+    await service.run_until_idle()
+
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    written = [line for line in lines if line["event"] == "handling"]
+    if level == "INFO":
+        assert (binds, written) == ([], [])
+    else:
+        assert [line["event_id"] for line in written] == ids
+        assert len(binds) == 3
 
 
 def test_exporters_are_chosen_by_the_standard_variables(monkeypatch: pytest.MonkeyPatch) -> None:

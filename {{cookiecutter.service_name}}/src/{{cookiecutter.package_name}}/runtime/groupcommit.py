@@ -4,12 +4,18 @@ A group takes every batch handled since it was opened. It is written once
 COMMIT_INTERVAL_MS passed since the group before it began writing, or at once when it is
 full (or closed to a batch handled under another fence): publish what it emitted and
 wait for the bus to confirm, one store write per stream, then one ack. Groups are
-written in order, so acks stay in batch order; meanwhile the next batches are handled."""
+written in order, pipelined: a group publishes once the group before it was confirmed by
+the bus (and the one before that acked), and writes its checkpoint and acks once the
+group before it was acked. So events go out in group order, checkpoints and acks stay
+in batch order, and nothing is acked before its own events are confirmed and its
+checkpoint is written; meanwhile the next batches are handled, until two full groups'
+messages wait unacked."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -34,8 +40,24 @@ class _Group:
 
     messages: list[InboundMessage]
     reaction: Reaction
+    before: _Group | None  # the group written before this one (until it is acked)
     due: asyncio.Event = field(default_factory=asyncio.Event)  # write without waiting
-    after: asyncio.Future[None] | None = None  # the group before: durable first
+    # Set once its events are confirmed (or it published nothing): the next group's go.
+    published: asyncio.Event = field(default_factory=asyncio.Event)
+    durable: asyncio.Future[None] | None = None  # its write, ended once acked
+
+    async def wait_published(self) -> None:
+        """Until its events are confirmed, or its write ended (raises how it failed)."""
+        durable = self.durable
+        assert durable is not None
+        if not self.published.is_set():
+            publishing = asyncio.ensure_future(self.published.wait())
+            try:
+                await asyncio.wait((publishing, durable), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                publishing.cancel()
+        if durable.done():
+            durable.result()
 
 
 class GroupCommit:
@@ -59,7 +81,9 @@ class GroupCommit:
         self.clock = clock
         self.acked = acked  # told of each group once acked
         self._open: _Group | None = None  # the last group, while it takes batches
-        self._durable: asyncio.Future[None] | None = None  # the last group's write
+        self._last: _Group | None = None  # the last group, until its write was learnt
+        self._unacked: deque[_Group] = deque()  # every group not yet acked, oldest first
+        self._unacked_messages = 0
         self._last_write_at = -float("inf")
         # A group is written at once when this full; the bus must still be able to deliver
         # the next batch while it is written.
@@ -67,6 +91,9 @@ class GroupCommit:
         if broker.max_unacked is not None:
             room = broker.max_unacked - settings.batch_size
             self._full_at = max(1, min(self._full_at, room))
+        # What may wait unacked (and run again after a crash): two full groups, however
+        # many groups hold them.
+        self._most_unacked = 2 * self._full_at
 
     def next_write_at(self) -> float:
         """Monotonic time from which the next group may be written, unless it is due."""
@@ -74,7 +101,8 @@ class GroupCommit:
 
     def last_ended(self) -> bool:
         """Whether the last group's write ended (`settle` then says how)."""
-        return self._durable is not None and self._durable.done()
+        last = self._last
+        return last is not None and last.durable is not None and last.durable.done()
 
     async def add(self, batch: Sequence[InboundMessage], reaction: Reaction) -> None:
         """Hand a reacted batch to the open group, or open a group with it."""
@@ -87,37 +115,52 @@ class GroupCommit:
         else:
             if group is not None:
                 group.due.set()  # closed to `batch`: nothing is gained by waiting
-            group = _Group(list(batch), reaction, after=self._durable)
-            self._open = group
-            self._durable = asyncio.ensure_future(self._write(group))
+            group = _Group(list(batch), reaction, before=self._last)
+            group.durable = asyncio.ensure_future(self._write(group))
+            self._open = self._last = group
+            self._unacked.append(group)
+        self._unacked_messages += len(batch)
         if len(group.messages) >= self._full_at:
             group.due.set()
-            if group.after is not None:  # hold no more than one full group in memory
-                await group.after
+        while self._unacked_messages >= self._most_unacked and self._unacked:
+            oldest = self._unacked[0]
+            oldest.due.set()
+            assert oldest.durable is not None
+            await oldest.durable  # until the oldest group is acked (or raises why not)
 
     async def settle(self) -> None:
         """Make every handled batch durable now and wait until it is acked; raises what
         that raised."""
-        durable, self._durable = self._durable, None
+        last = self._last
         if self._open is not None:
             self._open.due.set()
             self._open = None
-        if durable is not None:
-            await durable
+        if last is not None and last.durable is not None:
+            await last.durable  # acked only after every group before it
+        if self._last is last:  # kept if it failed: `abandon` still reaches every group
+            self._last = None
 
     async def abandon(self) -> None:
-        """Drop the groups not yet acked (they will be redelivered)."""
-        durable, self._durable, self._open = self._durable, None, None
-        if durable is not None:
-            durable.cancel()
-            await asyncio.gather(durable, return_exceptions=True)
+        """Drop the groups not yet acked (they will be redelivered): each one's write is
+        cancelled (a group waiting for the one before it to publish does not cancel it)."""
+        writes = [group.durable for group in self._unacked if group.durable is not None]
+        self._last, self._open = None, None
+        self._unacked.clear()
+        self._unacked_messages = 0
+        for write in writes:
+            write.cancel()
+        await asyncio.gather(*writes, return_exceptions=True)
 
     async def _write(self, group: _Group) -> None:
-        """Once the group before is durable and the interval passed (or the group is due):
-        publish, checkpoint, then ack."""
-        if group.after is not None:
-            await group.after
-            group.after = None
+        """Once the group before published and the interval passed (or the group is due):
+        publish; once the group before is acked: checkpoint, then ack."""
+        before = group.before
+        if before is not None:
+            await before.wait_published()  # events go out in group order
+            two_back = before.before  # None once acked
+            if two_back is not None and two_back.durable is not None:
+                await two_back.durable  # two groups written at once at most: this one
+                # stays open meanwhile, and the loop waits once it is full
         wait = self.next_write_at() - self.clock.monotonic()
         if wait > 0 and not group.due.is_set():
             with contextlib.suppress(TimeoutError):
@@ -129,11 +172,18 @@ class GroupCommit:
         batch, reaction = group.messages, group.reaction
         if reaction.outbound:
             await self.outbound.publish(reaction, self.outages)
+        group.published.set()
+        if before is not None and before.durable is not None:
+            await before.durable  # its checkpoint and ack first; raises what it raised
+        group.before = None  # acked: not kept in memory along a chain of groups
         if reaction.processed or reaction.states or reaction.progress:
             started = self.clock.monotonic()
             await self.outages.until_done("checkpoint", lambda: self._checkpoint(reaction))
             self.metrics.checkpoint_duration.record(self.clock.monotonic() - started)
         await self.outages.until_done("ack", lambda: self.broker.ack(batch))
+        if self._unacked and self._unacked[0] is group:  # else abandoned meanwhile
+            self._unacked.popleft()
+            self._unacked_messages -= len(batch)
         self.acked(len(batch), reaction)
 
     async def _checkpoint(self, reaction: Reaction) -> None:

@@ -19,6 +19,8 @@ from .state.base import KeyState, StateStore
 from .streams import Streams
 
 MAX_STATE_BYTES = 64 * 1024  # per key: state travels in every checkpoint that changes it
+# One encoder for every handled event (json.dumps with options builds one per call).
+_encode_state = json.JSONEncoder(separators=(",", ":"), sort_keys=True, allow_nan=False).encode
 
 
 @dataclass(slots=True)
@@ -40,7 +42,7 @@ class KeySlot:
     def finish(self, event_id: str, state: dict[str, Any]) -> None:
         """Keep what a successful handler left in ctx.state; DeadLetter if unusable."""
         try:
-            encoded = json.dumps(state, separators=(",", ":"), sort_keys=True, allow_nan=False)
+            encoded = _encode_state(state)
         except (TypeError, ValueError) as error:
             raise DeadLetter(
                 "handler-failed", f"ctx.state must hold JSON values: {error}"

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import TextIO
+from collections.abc import Callable
+from typing import Any, TextIO
 
 import structlog
 
@@ -49,3 +50,59 @@ def configure_logging(settings: Settings, stream: TextIO | None = None) -> None:
 def get_logger(**bound: object) -> structlog.typing.FilteringBoundLogger:
     logger: structlog.typing.FilteringBoundLogger = structlog.get_logger(**bound)
     return logger
+
+
+# The level below which each of structlog's filtering loggers drops lines (the classes
+# `make_filtering_bound_logger` gives are one per level). CRITICAL lines are always written.
+_FILTERING_LEVELS = {
+    structlog.make_filtering_bound_logger(level): level
+    for level in (logging.NOTSET, logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR)
+}
+
+
+def logs_at(level: int) -> bool:
+    """Whether the configured structlog logger writes lines of `level` (read each time:
+    logging may be configured after loggers were made; any other logger class: yes)."""
+    wrapper = structlog.get_config()["wrapper_class"]
+    return level >= _FILTERING_LEVELS.get(wrapper, logging.NOTSET)
+
+
+def _at_level(level: int, name: str) -> Callable[..., Any]:
+    def log(self: EventLogger, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        if not logs_at(level):
+            return None  # dropped anyway: no logger is bound for it
+        return getattr(self.bound(), name)(event, *args, **kw)
+
+    log.__name__ = name
+    return log
+
+
+class EventLogger:
+    """The logger a handler gets as `ctx.log`: bound to its event (by `bind`) on the first
+    line at a level that is written. A handler's debug lines then cost a level check while
+    debug is off, not a bound logger per event. Anything else (`bind`, `adebug`, ...) is
+    the bound logger's own."""
+
+    __slots__ = ("_bind", "_bound")
+
+    def __init__(self, bind: Callable[[], structlog.typing.FilteringBoundLogger]) -> None:
+        self._bind = bind
+        self._bound: structlog.typing.FilteringBoundLogger | None = None
+
+    def bound(self) -> structlog.typing.FilteringBoundLogger:
+        if self._bound is None:
+            self._bound = self._bind()
+        return self._bound
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.bound(), name)
+
+    debug = _at_level(logging.DEBUG, "debug")
+    info = _at_level(logging.INFO, "info")
+    msg = _at_level(logging.INFO, "msg")
+    warning = _at_level(logging.WARNING, "warning")
+    warn = _at_level(logging.WARNING, "warn")
+    error = _at_level(logging.ERROR, "error")
+    exception = _at_level(logging.ERROR, "exception")
+    critical = _at_level(logging.CRITICAL, "critical")
+    fatal = _at_level(logging.CRITICAL, "fatal")

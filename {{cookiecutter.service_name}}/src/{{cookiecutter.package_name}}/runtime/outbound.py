@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping
+from datetime import datetime
 from functools import partial
 
 import structlog
@@ -48,13 +49,17 @@ class Outbound:
 
     def collect(self, reaction: Reaction) -> None:
         """The reaction's emitted events, then its dead letters, as messages."""
-        outbound = reaction.outbound
+        outbound, emitted_at = reaction.outbound, now()  # one time for the whole batch
         for item, emitted in reaction.emits:
-            outbound.extend(self._event(item.envelope, event, item.message) for event in emitted)
+            outbound.extend(
+                self._event(item.envelope, event, item.message, emitted_at) for event in emitted
+            )
         reaction.emits = []
         outbound.extend(self._dead_letter(record) for record in reaction.dead)
 
-    def _event(self, parent: Envelope, emitted: Emitted, origin: InboundMessage) -> OutboundMessage:
+    def _event(
+        self, parent: Envelope, emitted: Emitted, origin: InboundMessage, emitted_at: datetime
+    ) -> OutboundMessage:
         event_type = event_type_of(emitted.message)
         envelope = Envelope(
             id=derive_event_id(parent.id, emitted.position),
@@ -62,7 +67,7 @@ class Outbound:
             source=self.settings.event_source,
             payload=emitted.message,
             subject=emitted.key,
-            time=now(),
+            time=emitted_at,
             extensions={
                 "causationid": parent.id,
                 "correlationid": parent.extensions.get("correlationid", parent.id),

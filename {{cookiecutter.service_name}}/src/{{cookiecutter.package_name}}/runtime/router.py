@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import structlog
 from google.protobuf.message import Message
@@ -12,6 +12,7 @@ from opentelemetry import trace
 
 from .envelope import Envelope, event_type_of
 from .errors import DeadLetter, RetryLater
+from .logs import EventLogger
 
 M = TypeVar("M", bound=Message)
 Handler = Callable[[M, "Context"], Awaitable[None]]
@@ -81,9 +82,10 @@ class Context:
     @property
     def log(self) -> Logger:
         """A logger bound to this event (ids, type, source, subject, position, attempt,
-        trace); bound on first use, so handlers that do not log do not pay for it."""
+        trace); bound on its first line at a level that is written, so handlers that do
+        not log, or log below the level, do not pay for it."""
         if callable(self._log):
-            self._log = self._log()
+            self._log = cast(Logger, EventLogger(self._log))
         return self._log
 
     @property

@@ -23,12 +23,12 @@ import json
 import time
 import uuid
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from json.encoder import encode_basestring_ascii
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 import aetcd
@@ -179,18 +179,22 @@ class EtcdStateStore(StateStore):
         return await self._call(read)
 
     async def load_states(self, stream: str, keys: Sequence[str]) -> dict[str, KeyState]:
-        async def read(client: aetcd.Client) -> dict[str, KeyState]:
-            found = {key: KeyState() for key in keys}
-            for start in range(0, len(keys), MAX_PUTS_PER_TXN):
-                chunk = keys[start : start + MAX_PUTS_PER_TXN]
-                gets = [client.transactions.get(self._state_key(stream, key)) for key in chunk]
-                _, responses = await client.transaction(compare=[], success=gets, failure=[])
-                for key, response in zip(chunk, responses, strict=True):
-                    for value, meta in response:
-                        found[key] = KeyState.decode(value, int(meta.mod_revision))
+        """One read: a transaction per MAX_PUTS_PER_TXN keys, all sent at once."""
+
+        async def read(client: aetcd.Client, chunk: Sequence[str]) -> dict[str, KeyState]:
+            gets = [client.transactions.get(self._state_key(stream, key)) for key in chunk]
+            _, responses = await client.transaction(compare=[], success=gets, failure=[])
+            found = {}
+            for key, response in zip(chunk, responses, strict=True):
+                for value, meta in response:
+                    found[key] = KeyState.decode(value, int(meta.mod_revision))
             return found
 
-        return await self._call(read)
+        chunks = [keys[at : at + MAX_PUTS_PER_TXN] for at in range(0, len(keys), MAX_PUTS_PER_TXN)]
+        found = {key: KeyState() for key in keys}
+        for read_states in await _all_or_raise(self._call(read, chunk) for chunk in chunks):
+            found.update(read_states)
+        return found
 
     def _state_key(self, stream: str, key: str) -> bytes:
         return self._key(stream, "state/") + key.encode()
@@ -212,11 +216,17 @@ class EtcdStateStore(StateStore):
             writes.append(_Put(self._key(stream, "progress"), str(progress).encode()))
         if not writes:
             return
-        parts = _transactions(writes)
+        *parts, last = _transactions(writes)
         fence = checkpoint.fence
-        for number, part in enumerate(parts):
-            last = number == len(parts) - 1
-            await self._call(self._write, stream, part, counts, fence, last)
+        # In three steps, each step's transactions sent at once: the key states, then the
+        # ids, then the last part (the progress). An id or the progress is never durable
+        # before the state its event left: a crash between steps only re-runs events.
+        states = [part for part in parts if all(put.state_of is not None for put in part)]
+        for step in (states, parts[len(states) :]):
+            await _all_or_raise(
+                self._call(self._write, stream, part, counts, fence, False) for part in step
+            )
+        await self._call(self._write, stream, last, counts, fence, True)
 
     async def _write(
         self,
@@ -383,6 +393,16 @@ class _Put:
     leased: bool = False  # expires with the dedupe horizon
     state_of: str | None = None  # the handler key, for state writes
     version: int = 0  # the state's revision when read (compared on shared streams)
+
+
+async def _all_or_raise(calls: Iterable[Awaitable[T]]) -> list[T]:
+    """Every call's result, run at once; raises the first failure once all have ended (a
+    retry never races a call still in flight)."""
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return cast(list[T], outcomes)
 
 
 def _transactions(writes: list[_Put]) -> list[list[_Put]]:
