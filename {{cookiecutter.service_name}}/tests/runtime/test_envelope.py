@@ -276,7 +276,7 @@ def test_encoding_is_what_protobuf_packs(moment: datetime) -> None:
         id="e-1", source="urn:x", spec_version="1.0", type="google.protobuf.StringValue"
     )
     expected.attributes["datacontenttype"].ce_string = "application/protobuf"
-    expected.attributes["dataschema"].ce_uri = "type.googleapis.com/google.protobuf.StringValue"
+    expected.attributes["dataschema"].ce_uri = dataschema_of(StringValue)
     expected.attributes["subject"].ce_string = "k"
     expected.attributes["time"].ce_timestamp.FromDatetime(moment)
     expected.proto_data.Pack(StringValue(value="v"))
