@@ -15,6 +15,7 @@ from .. import events
 from .brokers import Broker, open_broker
 from .config import Settings
 from .envelope import CloudEventsProtobufCodec, TypeRegistry
+from .groupcommit import DurableSink
 from .health import Heartbeat
 from .logs import get_logger
 from .loop import ConsumerLoop, LoopStats
@@ -40,6 +41,7 @@ def build_loop(
     clock: Callable[[], float] = time.time,
     tracer_provider: TracerProvider | None = None,
     meter_provider: MeterProvider | None = None,
+    sink: DurableSink | None = None,
 ) -> ConsumerLoop:
     return ConsumerLoop(
         router=router,
@@ -51,6 +53,7 @@ def build_loop(
         clock=clock,
         tracer_provider=tracer_provider,
         meter_provider=meter_provider,
+        sink=sink,
     )
 
 

@@ -59,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     emit.add_argument("data", nargs="?", default="-", help="JSON payload, or - for stdin")
     emit.add_argument("--key", default="", help="ordering key / CloudEvents subject")
     emit.add_argument("--id", dest="event_id", default=None, help="event id (default: new uuid)")
+    commands.add_parser(
+        "archive",
+        help="run as the platform's archiver: every event on the bus into Parquet files "
+        "in ARCHIVE_URL (ack after the file is stored)",
+    )
     commands.add_parser("types", help="list the event types this service knows")
     commands.add_parser("demo", help="run the loop over a scripted stream on the memory bus")
     config = commands.add_parser(
@@ -97,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_emit(settings, args.type, args.data, args.key, args.event_id))
         if args.command == "demo":
             return _demo(settings)
+        if args.command == "archive":
+            return _archive(settings)
         if (operator_command := OPERATOR_COMMANDS.get(args.command)) is not None:
             return _operate(settings, operator_command.run, args)
         return _run(settings)
@@ -128,6 +135,29 @@ def _run(settings: Settings) -> int:
     tune_garbage_collection()
     try:
         asyncio.run(run_until_signalled(loop))
+    finally:
+        shutdown_telemetry()
+    return 0
+
+
+def _archive(settings: Settings) -> int:
+    from .archive.sink import build_archiver, load_archive_settings
+    from .objectstore import check, load_object_store_settings, open_object_store
+
+    archive = load_archive_settings()
+    store = open_object_store(load_object_store_settings())
+    configure_logging(settings)
+    get_logger().info("archiving", version=version(SERVICE_NAME), archive_url=store.url)
+    configure_telemetry()
+    loop = build_archiver(settings, archive, store, heartbeat=Heartbeat(settings.heartbeat_file))
+
+    async def check_then_run() -> None:
+        await check(store)  # a wrong bucket or credentials: one line, before consuming
+        await run_until_signalled(loop)
+
+    tune_garbage_collection()
+    try:
+        asyncio.run(check_then_run())
     finally:
         shutdown_telemetry()
     return 0
