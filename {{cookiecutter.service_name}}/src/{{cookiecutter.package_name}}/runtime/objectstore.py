@@ -209,10 +209,10 @@ def open_object_store(settings: ObjectStoreSettings, url: str | None = None) -> 
         options["access_key_id"] = settings.s3_access_key_id
         options["secret_access_key"] = settings.s3_secret_access_key or ""
     try:
-        store = S3Store(parts.netloc, prefix=parts.path.strip("/") or None, **options)
+        s3 = S3Store(parts.netloc, prefix=parts.path.strip("/") or None, **options)
     except Exception as error:  # obstore refuses the configuration itself
         raise ConfigError(f"ARCHIVE_URL {url!r}: {_first_line(error)}") from None
-    return ObstoreObjects(url, store)
+    return ObstoreObjects(url, s3)
 
 
 async def check(store: ObjectStore) -> None:

@@ -109,9 +109,7 @@ class ArchiveSink:
 
     def _files(self, messages: Sequence[InboundMessage], now: datetime) -> dict[str, bytes]:
         return {
-            f"{partition.folder()}/{file_name(self.writer, rows[0]['offset'])}": parquet_bytes(
-                rows
-            )
+            f"{partition.folder()}/{file_name(self.writer, rows[0]['offset'])}": parquet_bytes(rows)
             for partition, rows in partitioned(messages, now, self.writer).items()
         }
 
