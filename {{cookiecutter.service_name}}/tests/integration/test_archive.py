@@ -1,0 +1,222 @@
+"""The archiver against the real broker and an S3-compatible server, run as an operator
+runs it (`<service> archive`): files in S3 holding every event, a SIGKILL and restart
+losing none, and wrong storage settings refused in one line.
+
+The S3 server's address comes from the environment (scripts/servers.sh starts moto):
+
+    TEST_S3_ENDPOINT=http://127.0.0.1:19900   TEST_S3_ACCESS_KEY_ID, TEST_S3_SECRET_ACCESS_KEY
+    TEST_S3_BUCKET=...   (optional: an existing bucket; else one is made per test, as moto
+                          allows without credentials)
+
+Without it these cases are skipped, except under CI=true, where they fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import signal
+import subprocess
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from {{ cookiecutter.package_name }}.events.orders_pb2 import OrderPlaced
+from {{ cookiecutter.package_name }}.runtime.app import event_registry
+from {{ cookiecutter.package_name }}.runtime.brokers.base import event_message
+from {{ cookiecutter.package_name }}.runtime.config import ENV_PREFIX, Settings
+from {{ cookiecutter.package_name }}.runtime.envelope import (
+    CloudEventsProtobufCodec,
+    Envelope,
+    event_type_of,
+    new_event_id,
+    now,
+)
+from {{ cookiecutter.package_name }}.runtime.objectstore import (
+    ObjectStoreSettings,
+    ObstoreObjects,
+    open_object_store,
+)
+
+from .conftest import Backend, run_cli, start_cli, wait_until
+
+pytestmark = pytest.mark.servers
+
+
+@dataclass
+class S3:
+    endpoint: str
+    bucket: str
+    prefix: str
+    variables: dict[str, str]
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+    def store(self) -> ObstoreObjects:
+        return open_object_store(
+            ObjectStoreSettings(
+                archive_url=self.url,
+                s3_endpoint=self.endpoint,
+                s3_access_key_id=self.variables["S3_ACCESS_KEY_ID"],
+                s3_secret_access_key=self.variables["S3_SECRET_ACCESS_KEY"],
+            )
+        )
+
+
+@pytest.fixture
+def s3() -> S3:
+    endpoint = os.environ.get("TEST_S3_ENDPOINT")
+    if not endpoint:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but TEST_S3_ENDPOINT is not set: start the S3 server")
+        pytest.skip("set TEST_S3_ENDPOINT to run against an S3-compatible server")
+    bucket = os.environ.get("TEST_S3_BUCKET")
+    if not bucket:
+        bucket = f"archive-{uuid.uuid4().hex[:12]}"
+        request = urllib.request.Request(f"{endpoint}/{bucket}", method="PUT")
+        with urllib.request.urlopen(request, timeout=30):
+            pass
+    variables = {
+        "ARCHIVE_URL": "",
+        "S3_ENDPOINT": endpoint,
+        "S3_ACCESS_KEY_ID": os.environ.get("TEST_S3_ACCESS_KEY_ID", "test"),
+        "S3_SECRET_ACCESS_KEY": os.environ.get("TEST_S3_SECRET_ACCESS_KEY", "test"),
+        "S3_REGION": os.environ.get("TEST_S3_REGION", "us-east-1"),
+    }
+    s3 = S3(endpoint, bucket, f"it-{uuid.uuid4().hex[:8]}", variables)
+    s3.variables["ARCHIVE_URL"] = s3.url
+    return s3
+
+
+async def archived_ids(store: ObstoreObjects) -> list[str]:
+    """Every id in every file of the archive (duplicates kept)."""
+    ids: list[str] = []
+    for found in await store.list():
+        if found.path.endswith(".parquet"):
+            table = pq.read_table(io.BytesIO(await store.get(found.path)), columns=["id"])
+            ids += [value for value in table.column("id").to_pylist() if value is not None]
+    return ids
+
+
+class Archive:
+    """`<service> archive` in a subprocess, on `backend`'s bus, into `s3`."""
+
+    def __init__(self, backend: Backend, s3: S3, tmp_path: Path, **variables: str) -> None:
+        self.settings = backend.settings()
+        group = f"{self.settings.consumer_group}-archive"
+        backend.used.append(self.settings.model_copy(update={"consumer_group": group}))
+        self.heartbeat = tmp_path / "archive.heartbeat"
+        self.variables = {
+            **s3.variables,
+            "ARCHIVE_GROUP": group,
+            "ARCHIVE_FILE_MAX_AGE_S": "0.2",
+            "HEARTBEAT_FILE": str(self.heartbeat),
+            "LOG_LEVEL": "WARNING",
+            **variables,
+        }
+        self.process: subprocess.Popen[str] | None = None
+
+    async def start(self) -> None:
+        self.heartbeat.unlink(missing_ok=True)
+        self.process = start_cli(self.settings, "archive", **self.variables)
+        health = ("healthcheck",)
+        await wait_until(
+            lambda: run_cli(self.settings, *health, **self.variables).returncode == 0, 60
+        )
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        if self.process is not None:
+            self.process.send_signal(sig)
+            self.process.communicate(timeout=60)
+            self.process = None
+
+
+@pytest.fixture
+async def archive(real_backend: Backend, s3: S3, tmp_path: Path) -> AsyncIterator[Archive]:
+    running = Archive(real_backend, s3, tmp_path)
+    yield running
+    running.stop(signal.SIGKILL)
+
+
+async def publish(backend: Backend, settings: Settings, count: int) -> list[str]:
+    codec = CloudEventsProtobufCodec(event_registry())
+    broker = backend.broker(settings)
+    await broker.start([])
+    messages, ids = [], []
+    for number in range(count):
+        payload = OrderPlaced(order_id=f"o{number}", quantity=1)
+        envelope = Envelope(
+            new_event_id(), event_type_of(payload), "urn:test", payload, f"o{number}", now()
+        )
+        ids.append(envelope.id)
+        topic = settings.topic_for(envelope.type)
+        messages.append(
+            event_message(
+                codec, envelope, topic, {"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"}
+            )
+        )
+    await broker.publish(messages)
+    return ids
+
+
+async def test_the_archiver_stores_every_event_in_s3(
+    real_backend: Backend, archive: Archive, s3: S3
+) -> None:
+    await publish(real_backend, archive.settings, 1)  # Kafka: the topic exists for the pattern
+    await archive.start()
+    ids = await publish(real_backend, archive.settings, 50)
+    store = s3.store()
+    found: list[str] = []
+
+    async def all_archived() -> bool:
+        found[:] = await archived_ids(store)
+        return set(ids) <= set(found)
+
+    async with asyncio.timeout(60):
+        while not await all_archived():
+            await asyncio.sleep(0.2)
+    archive.stop()
+
+
+async def test_a_sigkilled_archiver_loses_nothing_after_a_restart(
+    real_backend: Backend, archive: Archive, s3: S3
+) -> None:
+    archive.variables["ARCHIVE_FILE_MAX_EVENTS"] = "10"
+    archive.variables["BATCH_SIZE"] = "10"
+    await publish(real_backend, archive.settings, 1)
+    await archive.start()
+    ids = await publish(real_backend, archive.settings, 300)
+    store = s3.store()
+    async with asyncio.timeout(60):
+        while not await archived_ids(store):
+            await asyncio.sleep(0.05)
+    archive.stop(signal.SIGKILL)  # mid-way: some files written, some acked, some neither
+    await archive.start()
+    async with asyncio.timeout(90):
+        while not set(ids) <= set(await archived_ids(store)):
+            await asyncio.sleep(0.2)
+    archive.stop()
+
+
+def test_a_missing_bucket_is_refused_in_one_line(real_backend: Backend, s3: S3) -> None:
+    settings = real_backend.settings()
+    variables = {**s3.variables, "ARCHIVE_URL": f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/x"}
+    done = run_cli(settings, "archive", **variables)
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.strip().splitlines()[-1:]
+    assert "the bucket does not exist" in line
+    assert "Traceback" not in done.stderr
+
+
+def test_a_bad_archive_url_is_refused_in_one_line(real_backend: Backend) -> None:
+    done = run_cli(real_backend.settings(), "archive", ARCHIVE_URL="ftp://x/y")
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and f"{ENV_PREFIX}ARCHIVE_URL" in done.stderr
