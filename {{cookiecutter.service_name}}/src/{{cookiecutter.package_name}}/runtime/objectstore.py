@@ -108,6 +108,11 @@ class ObjectStoreSettings(BaseSettings):
             raise ValueError(f"{value!r}: give an absolute folder, e.g. file:///var/lib/archive")
         return value
 
+    @field_validator("s3_endpoint", "s3_access_key_id", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value  # a manifest's `NAME: ""`
+
     @field_validator("s3_endpoint")
     @classmethod
     def _endpoint(cls, value: str | None) -> str | None:
