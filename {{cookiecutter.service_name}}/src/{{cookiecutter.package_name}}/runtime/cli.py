@@ -23,11 +23,11 @@ from .envelope import CloudEventsProtobufCodec, Envelope, new_event_id, now
 from .errors import CommandFailed, ConfigError
 from .health import Heartbeat, check
 from .logs import configure_logging, get_logger
-from .operator import dlq, replay, tail
+from .operator import dlq, events, replay, tail
 from .telemetry import configure_telemetry, shutdown_telemetry
 
 # Operator commands: each module registers its arguments and runs it (async).
-OPERATOR_COMMANDS = {"tail": tail, "dlq": dlq, "replay": replay}
+OPERATOR_COMMANDS = {"tail": tail, "dlq": dlq, "replay": replay, "events": events}
 
 
 class _Parser(argparse.ArgumentParser):
