@@ -20,7 +20,7 @@ import signal
 import subprocess
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,6 +106,14 @@ async def archived_ids(store: ObstoreObjects) -> list[str]:
     return ids
 
 
+async def until_archived(
+    store: ObstoreObjects, enough: Callable[[list[str]], bool], deadline_s: float
+) -> None:
+    async with asyncio.timeout(deadline_s):
+        while not enough(await archived_ids(store)):  # noqa: ASYNC110 - polls the store
+            await asyncio.sleep(0.1)
+
+
 class Archive:
     """`<service> archive` in a subprocess, on `backend`'s bus, into `s3`."""
 
@@ -173,16 +181,7 @@ async def test_the_archiver_stores_every_event_in_s3(
     await publish(real_backend, archive.settings, 1)  # Kafka: the topic exists for the pattern
     await archive.start()
     ids = await publish(real_backend, archive.settings, 50)
-    store = s3.store()
-    found: list[str] = []
-
-    async def all_archived() -> bool:
-        found[:] = await archived_ids(store)
-        return set(ids) <= set(found)
-
-    async with asyncio.timeout(60):
-        while not await all_archived():
-            await asyncio.sleep(0.2)
+    await until_archived(s3.store(), lambda found: set(ids) <= set(found), 60)
     archive.stop()
 
 
@@ -195,14 +194,10 @@ async def test_a_sigkilled_archiver_loses_nothing_after_a_restart(
     await archive.start()
     ids = await publish(real_backend, archive.settings, 300)
     store = s3.store()
-    async with asyncio.timeout(60):
-        while not await archived_ids(store):
-            await asyncio.sleep(0.05)
+    await until_archived(store, bool, 60)
     archive.stop(signal.SIGKILL)  # mid-way: some files written, some acked, some neither
     await archive.start()
-    async with asyncio.timeout(90):
-        while not set(ids) <= set(await archived_ids(store)):
-            await asyncio.sleep(0.2)
+    await until_archived(store, lambda found: set(ids) <= set(found), 90)
     archive.stop()
 
 

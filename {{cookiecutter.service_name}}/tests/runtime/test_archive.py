@@ -4,7 +4,10 @@ files hold, rotation by size and by age, and an object-store outage."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import json
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +15,19 @@ import pyarrow.dataset as ds
 import pytest
 
 from {{ cookiecutter.package_name }}.events.orders_pb2 import OrderCancelled, OrderPlaced
+from {{ cookiecutter.package_name }}.runtime import cli
+from {{ cookiecutter.package_name }}.runtime.app import event_registry
 from {{ cookiecutter.package_name }}.runtime.archive.files import UNDECODABLE_TYPE
 from {{ cookiecutter.package_name }}.runtime.archive.sink import ArchiveSettings, build_archiver
-from {{ cookiecutter.package_name }}.runtime.brokers.memory import MemoryBroker
+from {{ cookiecutter.package_name }}.runtime.brokers.base import OutboundMessage, event_message
+from {{ cookiecutter.package_name }}.runtime.brokers.memory import MemoryBroker, bus_for_url
+from {{ cookiecutter.package_name }}.runtime.config import ENV_PREFIX, Settings
+from {{ cookiecutter.package_name }}.runtime.dedupe import REDRIVE_HEADER
+from {{ cookiecutter.package_name }}.runtime.envelope import (
+    CloudEventsProtobufCodec,
+    Envelope,
+    event_type_of,
+)
 from {{ cookiecutter.package_name }}.runtime.objectstore import (
     ObjectInfo,
     ObjectStoreSettings,
@@ -175,3 +188,148 @@ async def test_a_store_outage_holds_the_acks_and_loses_nothing(tmp_path: Path) -
     await loop.wait_until(lambda: archiver.pending == 0)
     await loop.stop_gracefully()
     assert sorted(row["id"] for row in read_archive(tmp_path)) == sorted(ids)
+
+
+CODEC = CloudEventsProtobufCodec(event_registry())
+PLACED = event_type_of(OrderPlaced)
+
+
+def event_at(hour: int, minute: int, key: str, event_id: str | None = None) -> OutboundMessage:
+    """An OrderPlaced stamped 2025-05-01 at hour:minute (UTC), as a producer publishes it."""
+    envelope = Envelope(
+        id=event_id or f"e-{hour}-{minute}-{key}",
+        type=PLACED,
+        source="urn:test",
+        payload=OrderPlaced(order_id=key, quantity=hour),
+        subject=key,
+        time=datetime(2025, 5, 1, hour, minute, tzinfo=UTC),
+    )
+    return event_message(CODEC, envelope, PLACED, {"traceparent": TRACEPARENT})
+
+
+async def archive_all(folder: Path, messages: Sequence[OutboundMessage]) -> None:
+    archiver = Archiver(local_store(folder), archive_settings())
+    loop = RunningLoop(archiver.loop)
+    await loop.wait_started()
+    for message in messages:
+        archiver.service.bus.put(message)
+    await loop.wait_until(lambda: archiver.pending == 0)
+    await loop.stop_gracefully()
+
+
+# Published out of event-time order, one of them twice (a producer's retry).
+ARCHIVED = [
+    event_at(11, 30, "b"),
+    event_at(10, 0, "a"),
+    event_at(11, 0, "a"),
+    event_at(11, 30, "b"),
+    event_at(13, 0, "c"),
+]
+IN_WINDOW = ["e-11-0-a", "e-11-30-b"]  # --since 10:30 --until 12:00, in event-time order
+WINDOW = ("--since", "2025-05-01T10:30:00Z", "--until", "2025-05-01T12:00:00Z")
+
+
+class Operator:
+    """The operator commands, as the CLI runs them, over an archive in `folder`."""
+
+    def __init__(
+        self, folder: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        monkeypatch.setenv(f"{ENV_PREFIX}ARCHIVE_URL", folder.as_uri())
+        self.settings = Settings(broker_url=f"memory://archive-{uuid.uuid4().hex}")
+        self.bus = bus_for_url(self.settings.broker_url)
+        self.capsys = capsys
+
+    async def lines(self, *argv: str) -> list[Any]:
+        self.capsys.readouterr()
+        args = cli._parser().parse_args(list(argv))
+        assert await cli.OPERATOR_COMMANDS[args.command].run(self.settings, args) == 0
+        return [json.loads(line) for line in self.capsys.readouterr().out.splitlines()]
+
+    async def summary(self, *argv: str) -> dict[str, Any]:
+        found: dict[str, Any] = (await self.lines(*argv, "--json"))[-1]["summary"]
+        return found
+
+    def ids(self, topic: str) -> list[str]:
+        return [CODEC.decode(message.body).id for message in self.bus.messages(topic)]
+
+
+@pytest.fixture
+async def operator(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Operator:
+    await archive_all(tmp_path, ARCHIVED)
+    return Operator(tmp_path, monkeypatch, capsys)
+
+
+async def test_events_query_prints_a_window_decoded_each_id_once(operator: Operator) -> None:
+    events = await operator.lines("events", "query", *WINDOW, "--type", "*.OrderPlaced")
+    assert [event["id"] for event in events] == IN_WINDOW
+    first = events[0]
+    assert first["payload"] == {"orderId": "a", "quantity": 11}
+    assert first["time"] == "2025-05-01T11:00:00.000Z"
+    assert first["headers"]["traceparent"] == TRACEPARENT
+    assert await operator.lines("events", "query", "--subject", "c") == [
+        event for event in await operator.lines("events", "query") if event["subject"] == "c"
+    ]
+    assert await operator.lines("events", "query", "--type", "nothing.*") == []
+
+
+async def test_events_query_counts_per_hour_and_runs_sql(operator: Operator) -> None:
+    counts = await operator.lines("events", "query", "--counts")
+    assert [(row["hour"], row["events"]) for row in counts] == [("10", 1), ("11", 2), ("13", 1)]
+    assert {row["type"] for row in counts} == {PLACED}
+    [row] = await operator.lines(
+        "events", "query", "--sql", "SELECT count(*) AS n, count(DISTINCT id) AS ids FROM events"
+    )
+    assert row == {"n": 4, "ids": 4}
+
+
+async def test_a_bad_query_is_one_line(operator: Operator) -> None:
+    with pytest.raises(Exception, match="--sql") as raised:
+        await operator.lines("events", "query", "--sql", "SELECT nope FROM events")
+    assert "\n" not in str(raised.value)
+
+
+async def test_replay_from_the_archive_republishes_a_window_in_event_time_order(
+    operator: Operator,
+) -> None:
+    dry = await operator.summary("replay", "--from-archive", *WINDOW, "--dry-run")
+    assert (dry["read"], dry["republished"], dry["skipped"]) == (2, 0, 2)
+    assert operator.bus.published == []
+    summary = await operator.summary(
+        "replay", "--from-archive", *WINDOW, "--to-topic", "copies", "--reprocess"
+    )
+    assert (summary["read"], summary["republished"]) == (2, 2)
+    assert operator.ids("copies") == IN_WINDOW
+    originals = {message.body for message in ARCHIVED}
+    assert all(message.body in originals for message in operator.bus.published)
+    assert all(
+        message.headers[REDRIVE_HEADER].startswith(operator.settings.consumer_group)
+        for message in operator.bus.published
+    )
+    await operator.summary("replay", "--from-archive", "--since", "2025-05-01T12:30:00Z")
+    assert operator.ids(PLACED) == ["e-13-0-c"]  # into its own topic by default
+
+
+async def test_replay_from_the_archive_goes_on_where_a_crash_left_it(
+    operator: Operator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    put = operator.bus.put
+    allowed = [1]
+
+    def failing_after_one(message: OutboundMessage) -> int:
+        if not allowed:
+            raise KeyboardInterrupt  # the process dies mid-replay
+        allowed.pop()
+        return put(message)
+
+    replay = ("replay", "--from-archive", "--to-topic", "copies", "--rate", "1000")
+    monkeypatch.setattr(operator.bus, "put", failing_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        await operator.summary(*replay, "--resume", "r1")
+    assert operator.ids("copies") == ["e-10-0-a"]
+    monkeypatch.setattr(operator.bus, "put", put)
+    summary = await operator.summary(*replay, "--resume", "r1")
+    assert (summary["read"], summary["republished"], summary["skipped"]) == (4, 3, 1)
+    assert operator.ids("copies") == ["e-10-0-a", "e-11-0-a", "e-11-30-b", "e-13-0-c"]

@@ -126,7 +126,7 @@ def events_query(selection: Selection) -> tuple[str, list[Any]]:
         "SELECT * FROM archive_rows WHERE "
         + " AND ".join(where)
         + " QUALIFY id IS NULL OR row_number() OVER (PARTITION BY id ORDER BY archived_at) = 1"
-        + f" ORDER BY {when}, topic, partition, \"offset\""
+        + f' ORDER BY {when}, topic, partition, "offset"'
     )
     return sql, parameters
 

@@ -58,7 +58,9 @@ def register(commands: Any) -> None:
         "Copies keep their ids: services that handled them drop them, unless --reprocess "
         "(this service) or --group NAME (another one) asks that group to handle them again.",
     )
-    replay.add_argument("--since", required=True, metavar="TIME", help="10m, 2h, 7d or ISO 8601")
+    replay.add_argument(
+        "--since", metavar="TIME", help="10m, 2h, 7d or ISO 8601 (optional --from-archive)"
+    )
     replay.add_argument("--until", metavar="TIME", help="end of the window (default: now)")
     replay.add_argument(
         "--type",
@@ -102,6 +104,8 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
     archive_only["--resume"] = args.resume
     if given := [name for name, value in archive_only.items() if value]:
         raise ConfigError(f"{', '.join(given)}: only with --from-archive")
+    if args.since is None:
+        raise ConfigError("--since is required (but with --from-archive)")
 
     types = resolve_types(args.types, event_registry(router).names(), router.event_types())
     since, until = window(args.since, args.until)
@@ -163,7 +167,7 @@ async def _from_archive(settings: Settings, args: argparse.Namespace) -> int:
     done = await _resumed(store, args.resume)
     if done:
         progress.add(read=done, matched=done, skipped=done)
-    order = "SELECT topic, stream, partition, \"offset\", key, headers, envelope FROM events"
+    order = 'SELECT topic, stream, partition, "offset", key, headers, envelope FROM events'
     rows = events.execute(f"{order} OFFSET {done}").to_arrow_reader(BATCH)
     broker = open_broker(settings)
     pace = _Pace(args.rate)
