@@ -324,7 +324,7 @@ async def test_replay_from_the_archive_goes_on_where_a_crash_left_it(
         allowed.pop()
         return put(message)
 
-    replay = ("replay", "--from-archive", "--to-topic", "copies", "--rate", "1000")
+    replay = ("replay", "--from-archive", "--to-topic", "copies", "--rate", "10")  # 1 a publish
     monkeypatch.setattr(operator.bus, "put", failing_after_one)
     with pytest.raises(KeyboardInterrupt):
         await operator.summary(*replay, "--resume", "r1")

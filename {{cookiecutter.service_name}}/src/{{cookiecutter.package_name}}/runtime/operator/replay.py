@@ -179,9 +179,10 @@ async def _from_archive(settings: Settings, args: argparse.Namespace) -> int:
             progress.add(read=len(copies), matched=len(copies))
             for part in pace.parts(copies):
                 await pace.wait()
+                sent = len(part)  # (_publish empties the list)
                 await _publish(broker, part, progress, dry_run=args.dry_run)
-                pace.count(len(part))
-                done += len(part)
+                pace.count(sent)
+                done += sent
                 if args.resume and not args.dry_run:
                     await _record(store, args.resume, done)
     except BrokerUnavailable as error:
