@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import signal
+import socket
 import subprocess
+import time
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +47,7 @@ from {{ cookiecutter.package_name }}.runtime.objectstore import (
     open_object_store,
 )
 
-from .conftest import Backend, run_cli, start_cli, wait_until
+from .conftest import Backend, fetch_at_least, run_cli, start_cli, wait_until
 
 pytestmark = pytest.mark.servers
 
@@ -215,3 +218,116 @@ def test_a_bad_archive_url_is_refused_in_one_line(real_backend: Backend) -> None
     done = run_cli(real_backend.settings(), "archive", ARCHIVE_URL="ftp://x/y")
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and f"{ENV_PREFIX}ARCHIVE_URL" in done.stderr
+
+
+async def test_events_query_and_replay_read_the_archive_in_s3(
+    real_backend: Backend, archive: Archive, s3: S3
+) -> None:
+    await publish(real_backend, archive.settings, 1)
+    await archive.start()
+    ids = await publish(real_backend, archive.settings, 20)  # subjects o0 ... o19
+    await until_archived(s3.store(), lambda found: set(ids) <= set(found), 60)
+    archive.stop()
+    settings, variables = archive.settings, s3.variables
+
+    done = run_cli(settings, "events", "query", "--subject", "o1*", **variables)
+    assert done.returncode == 0, done.stderr
+    queried = [json.loads(line) for line in done.stdout.splitlines()]
+    chosen = [ids[1], *ids[10:]]  # o1, o10 ... o19: each once, in event-time order
+    assert [event["id"] for event in queried] == chosen
+    assert queried[0]["payload"]["orderId"] == "o1"
+
+    copies = settings.topic_for("copies")
+    reader = real_backend.broker(settings.model_copy(update={"consumer_group": copies}))
+    await reader.start([copies])  # RabbitMQ: bound before the copies come
+    replay = ("replay", "--from-archive", "--subject", "o1*", "--to-topic", copies, "--json")
+    done = run_cli(settings, *replay, **variables)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1])["summary"]["republished"] == len(chosen)
+    received = await fetch_at_least(reader, len(chosen))
+    codec = CloudEventsProtobufCodec(event_registry())
+    assert sorted(codec.decode(message.body).id for message in received) == sorted(chosen)
+    assert all(message.headers.get("traceparent") for message in received)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class PrivateS3:
+    """moto's S3 server of this test's own (TEST_S3_SERVER_BIN): it may be stopped. moto
+    keeps everything in memory: a restart comes back empty, with the bucket made anew."""
+
+    def __init__(self, binary: str, folder: Path) -> None:
+        self.binary, self.port, self.log = binary, free_port(), folder / "s3.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+
+    def start(self, bucket: str) -> None:
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [self.binary, "-H", "127.0.0.1", "-p", str(self.port)],
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                request = urllib.request.Request(f"{self.endpoint}/{bucket}", method="PUT")
+                with urllib.request.urlopen(request, timeout=5):
+                    return
+            except OSError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+            self.process = None
+
+
+@pytest.fixture
+def private_s3(tmp_path: Path) -> Iterator[PrivateS3]:
+    binary = os.environ.get("TEST_S3_SERVER_BIN")
+    if not binary or not os.path.exists(binary):
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but TEST_S3_SERVER_BIN is missing (scripts/servers.sh)")
+        pytest.skip("set TEST_S3_SERVER_BIN (scripts/servers.sh env) to stop an S3 server")
+    server = PrivateS3(binary, tmp_path)
+    yield server
+    server.stop()
+
+
+async def test_an_s3_outage_holds_the_acks_and_loses_nothing(
+    real_backend: Backend, private_s3: PrivateS3, tmp_path: Path
+) -> None:
+    bucket = "outage"
+    private_s3.start(bucket)
+    variables = {
+        "ARCHIVE_URL": f"s3://{bucket}/events",
+        "S3_ENDPOINT": private_s3.endpoint,
+        "S3_ACCESS_KEY_ID": "test",
+        "S3_SECRET_ACCESS_KEY": "test",
+        "OBJECT_STORE_TIMEOUT_S": "2",
+    }
+    s3 = S3(private_s3.endpoint, bucket, "events", variables)
+    archive = Archive(real_backend, s3, tmp_path, PUBLISH_RETRY_MAX_BACKOFF_MS="200")
+    try:
+        await publish(real_backend, archive.settings, 1)
+        await archive.start()
+        private_s3.stop()
+        ids = await publish(real_backend, archive.settings, 20)
+        # Not ready while no file can be written: nothing of the 20 is acked meanwhile.
+        health = ("healthcheck",)
+        await wait_until(
+            lambda: run_cli(archive.settings, *health, **archive.variables).returncode == 1, 60
+        )
+        private_s3.start(bucket)  # back, empty: only files written from now on are there
+        await until_archived(s3.store(), lambda found: set(ids) <= set(found), 90)
+    finally:
+        archive.stop(signal.SIGKILL)

@@ -232,6 +232,8 @@ class KafkaBroker(Broker):
             session_timeout_ms=self.kafka.kafka_session_timeout_ms,
             heartbeat_interval_ms=self.kafka.kafka_heartbeat_interval_ms,
             group_instance_id=self.kafka.kafka_group_instance_id,
+            # The archiver's pattern takes topics created later: look for them every 30 s.
+            metadata_max_age_ms=30_000 if self.pattern is not None else 300_000,
         )
         if self.pattern is not None:
             consumer.subscribe(pattern=self.pattern.pattern, listener=_DrainOnRevoke(self))
