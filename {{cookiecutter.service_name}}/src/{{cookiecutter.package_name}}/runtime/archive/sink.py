@@ -80,7 +80,7 @@ class ArchiveSettings(BaseSettings):
             update={
                 "consumer_group": self.archive_group,
                 "commit_interval_ms": int(self.archive_file_max_age_s * 1000),
-                "state_url": "memory://",
+                "state_url": "memory://archive",  # a store of its own, even in tests
             }
         )
 
@@ -109,8 +109,10 @@ class ArchiveSink:
 
     def _files(self, messages: Sequence[InboundMessage], now: datetime) -> dict[str, bytes]:
         return {
-            f"{partition.folder()}/{file_name(self.writer, rows[0]['offset'])}": parquet_bytes(rows)
-            for partition, rows in partitioned(messages, now, self.writer).items()
+            f"{partition.folder()}/{file_name(self.writer, columns.first_position())}": (
+                parquet_bytes(columns)
+            )
+            for partition, columns in partitioned(messages, now, self.writer).items()
         }
 
     async def _put_all(self, files: dict[str, bytes]) -> None:
