@@ -18,9 +18,18 @@ from {{ cookiecutter.package_name }}.events.orders_pb2 import OrderCancelled, Or
 from {{ cookiecutter.package_name }}.runtime import cli
 from {{ cookiecutter.package_name }}.runtime.app import event_registry
 from {{ cookiecutter.package_name }}.runtime.archive.files import UNDECODABLE_TYPE
-from {{ cookiecutter.package_name }}.runtime.archive.sink import ArchiveSettings, build_archiver
-from {{ cookiecutter.package_name }}.runtime.brokers.base import OutboundMessage, event_message
-from {{ cookiecutter.package_name }}.runtime.brokers.memory import MemoryBroker, bus_for_url
+from {{ cookiecutter.package_name }}.runtime.archive.sink import (
+    ArchiveSettings,
+    build_archiver,
+)
+from {{ cookiecutter.package_name }}.runtime.brokers.base import (
+    OutboundMessage,
+    event_message,
+)
+from {{ cookiecutter.package_name }}.runtime.brokers.memory import (
+    MemoryBroker,
+    bus_for_url,
+)
 from {{ cookiecutter.package_name }}.runtime.config import ENV_PREFIX, Settings
 from {{ cookiecutter.package_name }}.runtime.dedupe import REDRIVE_HEADER
 from {{ cookiecutter.package_name }}.runtime.envelope import (
