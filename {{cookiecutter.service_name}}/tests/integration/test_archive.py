@@ -18,7 +18,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -47,7 +46,7 @@ from {{ cookiecutter.package_name }}.runtime.objectstore import (
     open_object_store,
 )
 
-from .conftest import Backend, fetch_at_least, run_cli, start_cli, wait_until
+from .conftest import Backend, fetch_at_least, free_port, run_cli, start_cli, wait_until
 
 pytestmark = pytest.mark.servers
 
@@ -118,15 +117,18 @@ async def until_archived(
 
 
 class Archive:
-    """`<service> archive` in a subprocess, on `backend`'s bus, into `s3`."""
+    """`<service> archive` in a subprocess, on `backend`'s bus, into the object store
+    that `storage` (ARCHIVE_URL, S3_* variables) names."""
 
-    def __init__(self, backend: Backend, s3: S3, tmp_path: Path, **variables: str) -> None:
+    def __init__(
+        self, backend: Backend, storage: dict[str, str], tmp_path: Path, **variables: str
+    ) -> None:
         self.settings = backend.settings()
         group = f"{self.settings.consumer_group}-archive"
         backend.used.append(self.settings.model_copy(update={"consumer_group": group}))
         self.heartbeat = tmp_path / "archive.heartbeat"
         self.variables = {
-            **s3.variables,
+            **storage,
             "ARCHIVE_GROUP": group,
             "ARCHIVE_FILE_MAX_AGE_S": "0.2",
             "HEARTBEAT_FILE": str(self.heartbeat),
@@ -152,7 +154,7 @@ class Archive:
 
 @pytest.fixture
 async def archive(real_backend: Backend, s3: S3, tmp_path: Path) -> AsyncIterator[Archive]:
-    running = Archive(real_backend, s3, tmp_path)
+    running = Archive(real_backend, s3.variables, tmp_path)
     yield running
     running.stop(signal.SIGKILL)
 
@@ -250,12 +252,6 @@ async def test_events_query_and_replay_read_the_archive_in_s3(
     assert all(message.headers.get("traceparent") for message in received)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 class PrivateS3:
     """moto's S3 server of this test's own (TEST_S3_SERVER_BIN): it may be stopped. moto
     keeps everything in memory: a restart comes back empty, with the bucket made anew."""
@@ -316,7 +312,7 @@ async def test_an_s3_outage_holds_the_acks_and_loses_nothing(
         "OBJECT_STORE_TIMEOUT_S": "2",
     }
     s3 = S3(private_s3.endpoint, bucket, "events", variables)
-    archive = Archive(real_backend, s3, tmp_path, PUBLISH_RETRY_MAX_BACKOFF_MS="200")
+    archive = Archive(real_backend, variables, tmp_path, PUBLISH_RETRY_MAX_BACKOFF_MS="200")
     try:
         await publish(real_backend, archive.settings, 1)
         await archive.start()
@@ -329,5 +325,29 @@ async def test_an_s3_outage_holds_the_acks_and_loses_nothing(
         )
         private_s3.start(bucket)  # back, empty: only files written from now on are there
         await until_archived(s3.store(), lambda found: set(ids) <= set(found), 90)
+    finally:
+        archive.stop(signal.SIGKILL)
+
+
+async def test_the_default_archive_is_a_local_folder_that_events_query_reads(
+    real_backend: Backend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No ARCHIVE_URL: a folder under the data directory, no server."""
+    data = tmp_path / "data"
+    monkeypatch.setenv("XDG_DATA_HOME", str(data))  # the commands' data directory
+    archive = Archive(real_backend, {}, tmp_path)
+    try:
+        await publish(real_backend, archive.settings, 1)
+        await archive.start()
+        ids = await publish(real_backend, archive.settings, 10)
+        query = ("events", "query", "--type", "*.OrderPlaced")
+
+        def queried() -> list[str]:
+            done = run_cli(archive.settings, *query, **archive.variables)
+            assert done.returncode == 0, done.stderr
+            return [json.loads(line)["id"] for line in done.stdout.splitlines()]
+
+        await wait_until(lambda: set(ids) <= set(queried()), 60)
+        assert list((data / "{{ cookiecutter.service_name }}" / "archive").glob("type=*"))
     finally:
         archive.stop(signal.SIGKILL)
