@@ -18,6 +18,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 import urllib.request
@@ -261,10 +262,12 @@ class PrivateS3:
         self.process: subprocess.Popen[bytes] | None = None
         self.endpoint = f"http://127.0.0.1:{self.port}"
 
-    def start(self, bucket: str) -> None:
+    def start(self, bucket: str | None, **environment: str) -> None:
+        """Start; make `bucket` unless None (a server checking credentials refuses it)."""
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 [self.binary, "-H", "127.0.0.1", "-p", str(self.port)],
+                env={**os.environ, **environment},
                 stdout=log,
                 stderr=log,
                 start_new_session=True,
@@ -272,6 +275,9 @@ class PrivateS3:
         deadline = time.monotonic() + 60
         while True:
             try:
+                if bucket is None:
+                    socket.create_connection(("127.0.0.1", self.port), timeout=5).close()
+                    return
                 request = urllib.request.Request(f"{self.endpoint}/{bucket}", method="PUT")
                 with urllib.request.urlopen(request, timeout=5):
                     return
@@ -351,3 +357,17 @@ async def test_the_default_archive_is_a_local_folder_that_events_query_reads(
         assert list((data / "{{ cookiecutter.service_name }}" / "archive").glob("type=*"))
     finally:
         archive.stop(signal.SIGKILL)
+
+
+def test_refused_credentials_are_one_line(real_backend: Backend, private_s3: PrivateS3) -> None:
+    private_s3.start(None, INITIAL_NO_AUTH_ACTION_COUNT="0")  # moto checks credentials
+    variables = {
+        "ARCHIVE_URL": "s3://any-bucket/events",
+        "S3_ENDPOINT": private_s3.endpoint,
+        "S3_ACCESS_KEY_ID": "not-a-key",
+        "S3_SECRET_ACCESS_KEY": "not-a-secret",
+    }
+    for command in (("archive",), ("events", "query")):
+        done = run_cli(real_backend.settings(), *command, **variables)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.count("\n") == 1 and "the access key is refused" in done.stderr
