@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
@@ -14,9 +15,13 @@ from typing import Any
 import pyarrow.dataset as ds
 import pytest
 
-from {{ cookiecutter.package_name }}.events.orders_pb2 import OrderCancelled, OrderPlaced
+from {{ cookiecutter.package_name }}.events.orders_pb2 import (
+    OrderCancelled,
+    OrderPlaced,
+    StockReserved,
+)
 from {{ cookiecutter.package_name }}.runtime import cli
-from {{ cookiecutter.package_name }}.runtime.app import event_registry
+from {{ cookiecutter.package_name }}.runtime.app import build_loop, event_registry
 from {{ cookiecutter.package_name }}.runtime.archive.files import UNDECODABLE_TYPE
 from {{ cookiecutter.package_name }}.runtime.archive.sink import (
     ArchiveSettings,
@@ -28,7 +33,13 @@ from {{ cookiecutter.package_name }}.runtime.brokers.base import (
 )
 from {{ cookiecutter.package_name }}.runtime.brokers.memory import (
     MemoryBroker,
+    MemoryBus,
     bus_for_url,
+)
+from {{ cookiecutter.package_name }}.runtime.claimcheck import (
+    HEADER,
+    ClaimCheck,
+    ClaimCheckSettings,
 )
 from {{ cookiecutter.package_name }}.runtime.config import ENV_PREFIX, Settings
 from {{ cookiecutter.package_name }}.runtime.dedupe import REDRIVE_HEADER
@@ -44,10 +55,11 @@ from {{ cookiecutter.package_name }}.runtime.objectstore import (
     ObstoreObjects,
     open_object_store,
 )
-from {{ cookiecutter.package_name }}.runtime.router import Router
+from {{ cookiecutter.package_name }}.runtime.router import Context, Router
+from {{ cookiecutter.package_name }}.runtime.state.memory import MemoryStateStore
 from {{ cookiecutter.package_name }}.runtime.testing import ServiceHarness
 
-from .conftest import RunningLoop
+from .conftest import RunningLoop, fast_settings, publish_to
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
@@ -179,6 +191,9 @@ class FailingStore:
 
     async def get(self, path: str) -> bytes:
         return await self.store.get(path)
+
+    async def size(self, path: str) -> int:
+        return await self.store.size(path)
 
     async def list(self, prefix: str = "") -> list[ObjectInfo]:
         return await self.store.list(prefix)
@@ -342,3 +357,86 @@ async def test_replay_from_the_archive_goes_on_where_a_crash_left_it(
     summary = await operator.summary(*replay, "--resume", "r1")
     assert (summary["read"], summary["republished"], summary["skipped"]) == (4, 3, 1)
     assert operator.ids("copies") == ["e-10-0-a", "e-11-0-a", "e-11-30-b", "e-13-0-c"]
+
+
+# Claim-check: large payloads in the object store, a pointer in the envelope.
+
+
+class ClaimChecked:
+    """A service that emits one large StockReserved per OrderPlaced, and another that
+    consumes those, both claim-checking through a local folder."""
+
+    def __init__(self, folder: Path, threshold: int = 1_000) -> None:
+        store = local_store(folder)
+        self.claim_check = ClaimCheck(
+            store, ClaimCheckSettings(claim_check_threshold_bytes=threshold)
+        )
+        self.bus = MemoryBus()
+        self.emitter = Router()
+        self.received: list[StockReserved] = []
+
+        @self.emitter.handles(OrderPlaced)
+        async def emit_large(event: OrderPlaced, ctx: Context) -> None:
+            ctx.emit(StockReserved(order_id=event.order_id, sku="s" * 5_000), key=event.order_id)
+
+        self.consumer = Router()
+
+        @self.consumer.handles(StockReserved)
+        async def record(event: StockReserved, ctx: Context) -> None:
+            self.received.append(event)
+
+    async def run(self, router: Router, group: str) -> tuple[RunningLoop, Any]:
+        settings = fast_settings(consumer_group=group)
+        loop = build_loop(
+            settings,
+            router,
+            broker=MemoryBroker(self.bus, group),
+            state=MemoryStateStore(1000, 3600, time.time),
+            claim_check=self.claim_check,
+        )
+        running = RunningLoop(loop)
+        await running.wait_started()
+        return running, loop
+
+
+async def test_a_large_payload_travels_as_a_pointer_and_arrives_whole(tmp_path: Path) -> None:
+    checked = ClaimChecked(tmp_path)
+    consumer, _ = await checked.run(checked.consumer, "consumer")
+    emitter, _ = await checked.run(checked.emitter, "emitter")
+    await publish_to(checked.bus, checked.emitter, OrderPlaced(order_id="o1"), key="o1")
+    await consumer.wait_until(lambda: len(checked.received) == 1)
+    await emitter.stop_gracefully()
+    await consumer.stop_gracefully()
+    assert checked.received[0].sku == "s" * 5_000
+    [sent] = checked.bus.messages(event_type_of(StockReserved))
+    assert len(sent.body) < 1_000 and sent.headers[HEADER] == "1"
+    assert [path.name for path in (tmp_path / "claims").iterdir()] != []
+
+
+@pytest.mark.parametrize(
+    ("spoil", "reason"),
+    [
+        (lambda path: path.unlink(), "claim-check-missing"),
+        (lambda path: path.write_bytes(b"\x0a\x03abc"), "claim-check-corrupt"),
+        (lambda path: path.write_bytes(b"x" * 10_000), "claim-check-oversized"),
+    ],
+)
+async def test_a_payload_that_cannot_be_had_is_dead_lettered_with_its_reason(
+    tmp_path: Path, spoil: Any, reason: str
+) -> None:
+    checked = ClaimChecked(tmp_path)
+    checked.claim_check.max_bytes = 9_000
+    emitter, _ = await checked.run(checked.emitter, "emitter")
+    checked.bus.bind("consumer", [event_type_of(StockReserved)])  # queued meanwhile
+    await publish_to(checked.bus, checked.emitter, OrderPlaced(order_id="o1"), key="o1")
+    await emitter.wait_until(lambda: checked.bus.messages(event_type_of(StockReserved)) != [])
+    await emitter.stop_gracefully()
+    [stored] = list((tmp_path / "claims").iterdir())
+    spoil(stored)
+    consumer, _ = await checked.run(checked.consumer, "consumer")
+    dead_letters = f"{event_type_of(StockReserved)}.dlq"
+    await consumer.wait_until(lambda: checked.bus.messages(dead_letters) != [])
+    await consumer.stop_gracefully()
+    [parked] = checked.bus.messages(dead_letters)
+    assert parked.headers["x-dead-letter-reason"] == reason
+    assert checked.received == []

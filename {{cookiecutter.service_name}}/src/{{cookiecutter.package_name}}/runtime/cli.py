@@ -15,7 +15,13 @@ from typing import Any, NoReturn
 from google.protobuf import json_format
 
 from .. import SERVICE_NAME, TEMPLATE_VERSION
-from .app import build_loop, event_registry, run_until_signalled, tune_garbage_collection
+from .app import (
+    build_loop,
+    claim_check_from_settings,
+    event_registry,
+    run_until_signalled,
+    tune_garbage_collection,
+)
 from .brokers import open_broker
 from .brokers.base import BrokerUnavailable, Unpublishable, event_message
 from .config import ENV_PREFIX, Settings, load_settings, reference, unknown_variables
@@ -131,7 +137,12 @@ def _run(settings: Settings) -> int:
     configure_logging(settings)
     get_logger().info("starting", version=version(SERVICE_NAME), template_version=TEMPLATE_VERSION)
     configure_telemetry()
-    loop = build_loop(settings, router, heartbeat=Heartbeat(settings.heartbeat_file))
+    loop = build_loop(
+        settings,
+        router,
+        heartbeat=Heartbeat(settings.heartbeat_file),
+        claim_check=claim_check_from_settings(),
+    )
     tune_garbage_collection()
     try:
         asyncio.run(run_until_signalled(loop))

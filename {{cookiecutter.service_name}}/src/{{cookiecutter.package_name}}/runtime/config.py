@@ -171,6 +171,7 @@ SETTINGS_MODULES = (
     "state.etcd",
     "objectstore",
     "archive.sink",
+    "claimcheck",
 )
 # Values that are credentials: deployment manifests give them as <NAME>_FILE.
 SECRET_FIELDS = frozenset(

@@ -20,6 +20,7 @@ from opentelemetry import metrics, trace
 
 from . import telemetry
 from .brokers.base import Broker, BrokerUnavailable, InboundMessage
+from .claimcheck import ClaimCheck
 from .clock import Clock
 from .config import Settings
 from .dispatch import Dispatcher
@@ -58,11 +59,13 @@ class ConsumerLoop:
         tracer_provider: trace.TracerProvider | None = None,
         meter_provider: metrics.MeterProvider | None = None,
         sink: DurableSink | None = None,
+        claim_check: ClaimCheck | None = None,
     ) -> None:
         """With a `sink`, the loop archives instead of handling: every delivery of the
         broker's subscription is written to the sink before it is acked."""
         self.router = router
         self.sink = sink
+        self.claim_check = claim_check  # large payloads in object storage (claimcheck.py)
         self.broker = broker
         self.state = state
         self.settings = settings
@@ -88,6 +91,7 @@ class ConsumerLoop:
         )
         self.intake = Intake(codec, router, settings.max_message_bytes, settings.consumer_group)
         self.outbound = Outbound(settings, codec, broker, self.log, self.stats, self.metrics)
+        self.outbound.claim_check = claim_check
         self.group_commit = GroupCommit(
             settings,
             broker,
@@ -220,6 +224,8 @@ class ConsumerLoop:
         )
         if self.sink is not None:
             return reaction  # the sink takes the messages themselves
+        if self.claim_check is not None:
+            batch = await self.claim_check.resolve(batch, reaction, self.outages)
         work = self.intake.decode_and_dedupe(batch, self.streams, reaction)
         # Let the last group's write take its next round trip (store, then bus) before
         # handling keeps the event loop busy: its ack then waits less.

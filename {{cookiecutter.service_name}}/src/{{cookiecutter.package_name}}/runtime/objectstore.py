@@ -71,8 +71,11 @@ class ObjectStore(Protocol):
     async def get(self, path: str) -> bytes:
         """The object at `path`; ObjectNotFound if there is none."""
 
+    async def size(self, path: str) -> int:
+        """The size of the object at `path` (not fetched); ObjectNotFound if there is none."""
+
     async def list(self, prefix: str = "") -> list[ObjectInfo]:
-        """Every object whose path starts with `prefix`."""
+        """Every object under the folder `prefix` (whole path segments)."""
 
 
 class ObjectStoreSettings(BaseSettings):
@@ -141,6 +144,11 @@ class ObstoreObjects:
         with _mapped_errors(path):
             result = await obstore.get_async(self._store, path)
             return bytes(await result.bytes_async())
+
+    async def size(self, path: str) -> int:
+        with _mapped_errors(path):
+            meta = await obstore.head_async(self._store, path)
+            return int(meta["size"])
 
     async def list(self, prefix: str = "") -> list[ObjectInfo]:
         found: list[ObjectInfo] = []
