@@ -30,9 +30,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from {{ cookiecutter.package_name }}.events.orders_pb2 import OrderPlaced
-from {{ cookiecutter.package_name }}.runtime.app import event_registry
+from {{ cookiecutter.package_name }}.events.orders_pb2 import OrderPlaced, StockReserved
+from {{ cookiecutter.package_name }}.runtime import Context, Router
+from {{ cookiecutter.package_name }}.runtime.app import build_loop, event_registry
 from {{ cookiecutter.package_name }}.runtime.brokers.base import event_message
+from {{ cookiecutter.package_name }}.runtime.claimcheck import ClaimCheck, ClaimCheckSettings
 from {{ cookiecutter.package_name }}.runtime.config import ENV_PREFIX, Settings
 from {{ cookiecutter.package_name }}.runtime.envelope import (
     CloudEventsProtobufCodec,
@@ -47,6 +49,7 @@ from {{ cookiecutter.package_name }}.runtime.objectstore import (
     open_object_store,
 )
 
+from ..runtime.conftest import RunningLoop
 from .conftest import Backend, fetch_at_least, free_port, run_cli, start_cli, wait_until
 
 pytestmark = pytest.mark.servers
@@ -371,3 +374,41 @@ def test_refused_credentials_are_one_line(real_backend: Backend, private_s3: Pri
         done = run_cli(real_backend.settings(), *command, **variables)
         assert done.returncode == 2, done.stderr
         assert done.stderr.count("\n") == 1 and "the access key is refused" in done.stderr
+
+
+async def test_a_claim_checked_payload_crosses_the_real_bus_through_s3(
+    real_backend: Backend, s3: S3
+) -> None:
+    """One service emits a 200 KB StockReserved per OrderPlaced; another handles it whole,
+    the bus carrying only the pointer."""
+    claim_check = ClaimCheck(s3.store(), ClaimCheckSettings(claim_check_threshold_bytes=10_000))
+    received: list[str] = []
+    emitter, consumer = Router(), Router()
+
+    @emitter.handles(OrderPlaced)
+    async def emit_large(event: OrderPlaced, ctx: Context) -> None:
+        ctx.emit(StockReserved(order_id=event.order_id, sku="s" * 200_000), key=event.order_id)
+
+    @consumer.handles(StockReserved)
+    async def record(event: StockReserved, ctx: Context) -> None:
+        received.append(event.sku)
+
+    base_settings = real_backend.settings()
+    loops = []
+    for router, group in ((consumer, "consumer"), (emitter, "emitter")):
+        settings = base_settings.model_copy(
+            update={"consumer_group": f"{base_settings.consumer_group}-{group}"}
+        )
+        loop = build_loop(
+            settings, router, broker=real_backend.broker(settings), claim_check=claim_check
+        )
+        loops.append(RunningLoop(loop))
+        await loops[-1].wait_started()
+    try:
+        await publish(real_backend, base_settings, 3)
+        await loops[0].wait_until(lambda: len(received) == 3, 60)
+        assert received == ["s" * 200_000] * 3
+        assert len(await s3.store().list("claims/")) == 3  # one object per payload
+    finally:
+        for running in loops:
+            await running.stop_gracefully()
