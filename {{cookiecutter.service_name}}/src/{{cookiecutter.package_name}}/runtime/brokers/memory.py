@@ -153,9 +153,8 @@ class MemoryBroker(Broker):
         self._delivered: dict[int, InboundMessage] = {}
 
     async def start(self, topics: Sequence[str], on_revoked: OnRevoked | None = None) -> None:
-        self.bus.bind(
-            self.group, topics, self.pattern
-        )  # one consumer per group: nothing is ever revoked
+        # One consumer per group: nothing is ever revoked.
+        self.bus.bind(self.group, topics, self.pattern)
 
     async def fetch_batch(
         self, max_messages: int, first_wait_s: float, fill_until: float
