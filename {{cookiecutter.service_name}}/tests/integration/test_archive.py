@@ -34,7 +34,10 @@ from {{ cookiecutter.package_name }}.events.orders_pb2 import OrderPlaced, Stock
 from {{ cookiecutter.package_name }}.runtime import Context, Router
 from {{ cookiecutter.package_name }}.runtime.app import build_loop, event_registry
 from {{ cookiecutter.package_name }}.runtime.brokers.base import event_message
-from {{ cookiecutter.package_name }}.runtime.claimcheck import ClaimCheck, ClaimCheckSettings
+from {{ cookiecutter.package_name }}.runtime.claimcheck import (
+    ClaimCheck,
+    ClaimCheckSettings,
+)
 from {{ cookiecutter.package_name }}.runtime.config import ENV_PREFIX, Settings
 from {{ cookiecutter.package_name }}.runtime.envelope import (
     CloudEventsProtobufCodec,
