@@ -125,7 +125,12 @@ class ObjectStoreSettings(BaseSettings):
 
 
 class ObstoreObjects:
-    """`ObjectStore` over an obstore store (LocalStore or S3Store)."""
+    """`ObjectStore` over an obstore store (LocalStore or S3Store).
+
+    obstore's blocking calls run in worker threads rather than its async ones: an async
+    call resolves its Python future from a Rust thread, which races the interpreter's
+    exit and aborted a short command (SIGABRT after its last line, about one run in ten
+    here); a blocking call never touches Python from Rust's threads."""
 
     def __init__(self, url: str, store: Any, local_root: Path | None = None) -> None:
         self.url = url
@@ -134,7 +139,7 @@ class ObstoreObjects:
 
     async def put(self, path: str, data: bytes) -> None:
         with _mapped_errors(path, missing_is_outage=True):
-            await obstore.put_async(self._store, path, data)
+            await asyncio.to_thread(obstore.put, self._store, path, data)
         if self._local_root is not None:
             # The local store renames a finished temporary file into place but does not
             # sync: without this, a power loss could lose a file whose events were acked.
@@ -142,20 +147,27 @@ class ObstoreObjects:
 
     async def get(self, path: str) -> bytes:
         with _mapped_errors(path):
-            result = await obstore.get_async(self._store, path)
-            return bytes(await result.bytes_async())
+            return await asyncio.to_thread(self._get, path)
+
+    def _get(self, path: str) -> bytes:
+        return bytes(obstore.get(self._store, path).bytes())
 
     async def size(self, path: str) -> int:
         with _mapped_errors(path):
-            meta = await obstore.head_async(self._store, path)
+            meta = await asyncio.to_thread(obstore.head, self._store, path)
             return int(meta["size"])
 
     async def list(self, prefix: str = "") -> list[ObjectInfo]:
-        found: list[ObjectInfo] = []
         with _mapped_errors(prefix):
-            async for chunk in obstore.list(self._store, prefix=prefix or None):
-                found += [ObjectInfo(str(meta["path"]), int(meta["size"])) for meta in chunk]
-        return found
+            return await asyncio.to_thread(_listing, self._store, prefix)
+
+
+def _listing(store: Any, prefix: str) -> list[ObjectInfo]:
+    return [
+        ObjectInfo(str(meta["path"]), int(meta["size"]))
+        for chunk in obstore.list(store, prefix=prefix or None)
+        for meta in chunk
+    ]
 
 
 def _sync(root: Path, path: str) -> None:
