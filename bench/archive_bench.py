@@ -8,7 +8,8 @@ interpreter, from its folder (bench/archive.sh does both).
    but for base64's 3/4, in the envelope, 1,000 keys) are
    published once to a topic of this run (3 partitions) on TEST_KAFKA_BOOTSTRAP.
 2. `noop`: the loop with a no-op handler (memory state) consumes them in a fresh group;
-   `archive`: the archiver (local folder, ARCHIVE_FILE_MAX_BYTES 8 MiB) in another.
+   `archive`: the archiver in another (a local folder; ARCHIVE_FILE_MAX_BYTES is
+   --file-mib, 64 MiB as shipped).
    Each is timed from its first delivery until it stopped with everything acked (the
    stop is requested once all N arrived: both then write and ack what they hold).
 3. Bytes stored per event: the Parquet files' total size / N.
@@ -35,6 +36,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("package")
 parser.add_argument("--events", type=int, default=20_000)
 parser.add_argument("--payload", type=int, default=1_000)
+parser.add_argument("--file-mib", type=int, default=64, help="ARCHIVE_FILE_MAX_BYTES, MiB")
 args = parser.parse_args()
 
 
@@ -122,7 +124,7 @@ def noop_loop() -> Any:
 def archive_loop(folder: Path) -> Any:
     archive = sink.ArchiveSettings(
         archive_group=f"bench-archive-{RUN}-archive",
-        archive_file_max_bytes=8 * 1024 * 1024,
+        archive_file_max_bytes=args.file_mib * 1024 * 1024,
         archive_writer="bench",
     )
     store = objectstore.open_object_store(
