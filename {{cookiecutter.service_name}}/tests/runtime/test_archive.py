@@ -440,3 +440,15 @@ async def test_a_payload_that_cannot_be_had_is_dead_lettered_with_its_reason(
     [parked] = checked.bus.messages(dead_letters)
     assert parked.headers["x-dead-letter-reason"] == reason
     assert checked.received == []
+
+
+def test_the_topics_archived_follow_the_prefix_and_leave_out_dead_letters() -> None:
+    settings = Settings(topic_prefix="prod.")
+    default = ArchiveSettings().topic_pattern(settings)
+    assert default.match("prod.orders.OrderPlaced")
+    assert not default.match("prod.orders.OrderPlaced.dlq")
+    assert not default.match("test.orders.OrderPlaced")
+    chosen = ArchiveSettings(archive_topics=r"orders\..*", archive_dead_letters=True)
+    pattern = chosen.topic_pattern(settings)
+    assert pattern.match("prod.orders.OrderPlaced.dlq")
+    assert not pattern.match("prod.billing.Invoiced")
