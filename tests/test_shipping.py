@@ -199,17 +199,23 @@ def setting_variables(image: Image) -> set[str]:
     return {line.split("=", 1)[0] for line in listing.splitlines() if not line.startswith("#")}
 
 
+def _kind(document: dict[str, Any]) -> str:
+    """A manifest's kind; the archiver's objects (archiver.yaml) as `Archiver<kind>`."""
+    name = document.get("metadata", {}).get("name", "")
+    return f"Archiver{document['kind']}" if name.endswith("-archiver") else document["kind"]
+
+
 def k8s(image: Image) -> dict[str, dict[str, Any]]:
     """The objects `kubectl apply -k deploy/k8s` would apply, by kind: the kustomization
     built by kubectl (what a cluster gets, not the raw files), plus the example secret the
     kustomization leaves out. Every file under deploy/k8s is either listed or that secret."""
     folder = image.service / "deploy" / "k8s"
     built = run_ok([tool("kubectl"), "kustomize", str(folder)], timeout=120).stdout
-    documents = {document["kind"]: document for document in yaml.safe_load_all(built)}
+    documents = {_kind(document): document for document in yaml.safe_load_all(built)}
     files: dict[str, str] = {}
     for path in sorted(folder.glob("*.yaml")):
         for document in yaml.safe_load_all(path.read_text()):
-            files[document["kind"]] = path.name
+            files[_kind(document)] = path.name
     assert set(documents) == set(files) - {"Kustomization", "Secret"}
     [secret] = yaml.safe_load_all((folder / files["Secret"]).read_text())
     documents["Secret"] = secret
@@ -259,6 +265,28 @@ def test_k8s_deployment_is_locked_down_and_drains_before_it_is_killed(image: Ima
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert str(heartbeat.parent) in mounts, "the heartbeat needs a writable mount"
     assert manifests["PodDisruptionBudget"]["spec"]["maxUnavailable"] == 1
+
+
+def test_k8s_archiver_shares_the_image_and_settings_and_runs_archive(image: Image) -> None:
+    """The platform's archiver: the same image and configuration in its `archive` run
+    mode, its pods apart from the service's selectors, HTTPS out to the object store."""
+    manifests = k8s(image)
+    service, archiver = manifests["Deployment"], manifests["ArchiverDeployment"]
+    [container] = archiver["spec"]["template"]["spec"]["containers"]
+    [service_container] = service["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == service_container["image"]
+    assert container["args"] == ["archive"]
+    assert container["envFrom"] == service_container["envFrom"]
+    assert f"{image.prefix}S3_SECRET_ACCESS_KEY_FILE" in {item["name"] for item in container["env"]}
+    labels = archiver["spec"]["template"]["metadata"]["labels"]
+    assert labels["app.kubernetes.io/component"] == "archiver"
+    budget = manifests["PodDisruptionBudget"]["spec"]["selector"]
+    assert budget["matchExpressions"] == [
+        {"key": "app.kubernetes.io/component", "operator": "NotIn", "values": ["archiver"]}
+    ]
+    policy = manifests["ArchiverNetworkPolicy"]["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= labels.items()
+    assert policy["egress"] == [{"ports": [{"protocol": "TCP", "port": 443}]}]
 
 
 def egress_rule(peer: dict[str, Any], protocol_ports: set[tuple[str, int]]) -> dict[str, Any]:

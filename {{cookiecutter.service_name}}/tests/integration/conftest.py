@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import os
+import socket
 import subprocess
 import sys
 import uuid
@@ -220,3 +221,10 @@ async def wait_until(done: Callable[[], bool], deadline_s: float = 30.0) -> None
     async with asyncio.timeout(deadline_s):
         while not done():  # noqa: ASYNC110 - polls plain state, no event to wait on
             await asyncio.sleep(0.01)
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now (for a server of a test's own)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

@@ -36,15 +36,10 @@ from {{ cookiecutter.package_name }}.runtime.state.base import Checkpoint, KeySt
 from {{ cookiecutter.package_name }}.runtime.testing import ServiceHarness
 
 from ..runtime.conftest import FAST, RunningLoop
+from .conftest import free_port
 from .tls_support import make_certificates
 
 pytestmark = pytest.mark.servers  # starts etcd processes of its own
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class PrivateEtcd:

@@ -13,8 +13,10 @@ from opentelemetry.trace import TracerProvider
 
 from .. import events
 from .brokers import Broker, open_broker
+from .claimcheck import ClaimCheck
 from .config import Settings
 from .envelope import CloudEventsProtobufCodec, TypeRegistry
+from .groupcommit import DurableSink
 from .health import Heartbeat
 from .logs import get_logger
 from .loop import ConsumerLoop, LoopStats
@@ -40,6 +42,8 @@ def build_loop(
     clock: Callable[[], float] = time.time,
     tracer_provider: TracerProvider | None = None,
     meter_provider: MeterProvider | None = None,
+    sink: DurableSink | None = None,
+    claim_check: ClaimCheck | None = None,
 ) -> ConsumerLoop:
     return ConsumerLoop(
         router=router,
@@ -51,6 +55,8 @@ def build_loop(
         clock=clock,
         tracer_provider=tracer_provider,
         meter_provider=meter_provider,
+        sink=sink,
+        claim_check=claim_check,
     )
 
 
@@ -87,3 +93,15 @@ async def run_until_signalled(loop: ConsumerLoop) -> LoopStats:
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             event_loop.remove_signal_handler(signum)
+
+
+def claim_check_from_settings() -> ClaimCheck | None:
+    """The claim-check of CLAIM_CHECK_THRESHOLD_BYTES (None when 0: off), on ARCHIVE_URL's
+    object store."""
+    from .claimcheck import load_claim_check_settings
+    from .objectstore import load_object_store_settings, open_object_store
+
+    settings = load_claim_check_settings()
+    if settings.claim_check_threshold_bytes == 0:
+        return None
+    return ClaimCheck(open_object_store(load_object_store_settings()), settings)

@@ -15,7 +15,13 @@ from typing import Any, NoReturn
 from google.protobuf import json_format
 
 from .. import SERVICE_NAME, TEMPLATE_VERSION
-from .app import build_loop, event_registry, run_until_signalled, tune_garbage_collection
+from .app import (
+    build_loop,
+    claim_check_from_settings,
+    event_registry,
+    run_until_signalled,
+    tune_garbage_collection,
+)
 from .brokers import open_broker
 from .brokers.base import BrokerUnavailable, Unpublishable, event_message
 from .config import ENV_PREFIX, Settings, load_settings, reference, unknown_variables
@@ -23,11 +29,11 @@ from .envelope import CloudEventsProtobufCodec, Envelope, new_event_id, now
 from .errors import CommandFailed, ConfigError
 from .health import Heartbeat, check
 from .logs import configure_logging, get_logger
-from .operator import dlq, replay, tail
+from .operator import dlq, events, replay, tail
 from .telemetry import configure_telemetry, shutdown_telemetry
 
 # Operator commands: each module registers its arguments and runs it (async).
-OPERATOR_COMMANDS = {"tail": tail, "dlq": dlq, "replay": replay}
+OPERATOR_COMMANDS = {"tail": tail, "dlq": dlq, "replay": replay, "events": events}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -59,6 +65,11 @@ def _parser() -> argparse.ArgumentParser:
     emit.add_argument("data", nargs="?", default="-", help="JSON payload, or - for stdin")
     emit.add_argument("--key", default="", help="ordering key / CloudEvents subject")
     emit.add_argument("--id", dest="event_id", default=None, help="event id (default: new uuid)")
+    commands.add_parser(
+        "archive",
+        help="run as the platform's archiver: every event on the bus into Parquet files "
+        "in ARCHIVE_URL (ack after the file is stored)",
+    )
     commands.add_parser("types", help="list the event types this service knows")
     commands.add_parser("demo", help="run the loop over a scripted stream on the memory bus")
     config = commands.add_parser(
@@ -105,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo(settings)
         if args.command == "asyncapi":
             return _asyncapi(settings, args.output)
+        if args.command == "archive":
+            return _archive(settings)
         if (operator_command := OPERATOR_COMMANDS.get(args.command)) is not None:
             return _operate(settings, operator_command.run, args)
         return _run(settings)
@@ -132,10 +145,38 @@ def _run(settings: Settings) -> int:
     configure_logging(settings)
     get_logger().info("starting", version=version(SERVICE_NAME), template_version=TEMPLATE_VERSION)
     configure_telemetry()
-    loop = build_loop(settings, router, heartbeat=Heartbeat(settings.heartbeat_file))
+    loop = build_loop(
+        settings,
+        router,
+        heartbeat=Heartbeat(settings.heartbeat_file),
+        claim_check=claim_check_from_settings(),
+    )
     tune_garbage_collection()
     try:
         asyncio.run(run_until_signalled(loop))
+    finally:
+        shutdown_telemetry()
+    return 0
+
+
+def _archive(settings: Settings) -> int:
+    from .archive.sink import build_archiver, load_archive_settings
+    from .objectstore import check, load_object_store_settings, open_object_store
+
+    archive = load_archive_settings()
+    store = open_object_store(load_object_store_settings())
+    configure_logging(settings)
+    get_logger().info("archiving", version=version(SERVICE_NAME), archive_url=store.url)
+    configure_telemetry()
+    loop = build_archiver(settings, archive, store, heartbeat=Heartbeat(settings.heartbeat_file))
+
+    async def check_then_run() -> None:
+        await check(store)  # a wrong bucket or credentials: one line, before consuming
+        await run_until_signalled(loop)
+
+    tune_garbage_collection()
+    try:
+        asyncio.run(check_then_run())
     finally:
         shutdown_telemetry()
     return 0

@@ -165,9 +165,18 @@ def load_settings(**overrides: Any) -> Settings:
 
 # Modules holding the settings models besides `Settings`; a broker adapter that was not
 # generated for this service is simply absent.
-SETTINGS_MODULES = ("brokers.kafka", "brokers.rabbitmq", "state.etcd")
+SETTINGS_MODULES = (
+    "brokers.kafka",
+    "brokers.rabbitmq",
+    "state.etcd",
+    "objectstore",
+    "archive.sink",
+    "claimcheck",
+)
 # Values that are credentials: deployment manifests give them as <NAME>_FILE.
-SECRET_FIELDS = frozenset({"broker_url", "kafka_sasl_password", "etcd_password"})
+SECRET_FIELDS = frozenset(
+    {"broker_url", "kafka_sasl_password", "etcd_password", "s3_secret_access_key"}
+)
 
 
 def settings_models() -> list[type[BaseSettings]]:

@@ -18,6 +18,7 @@ import contextlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from .brokers.base import Broker, InboundMessage
 from .clock import Clock
@@ -34,6 +35,16 @@ from .telemetry import LoopMetrics
 MAX_GROUP_MESSAGES = 4_000
 
 
+class DurableSink(Protocol):
+    """Where a group's messages themselves are made durable before the ack, instead of
+    handlers reacting to them (the archiver: archive/sink.py)."""
+
+    full_at: int  # a group of this many messages is written at once
+    full_bytes: int  # ... or of this many bytes
+
+    async def write(self, messages: Sequence[InboundMessage], outages: Outages) -> None: ...
+
+
 @dataclass(slots=True)
 class _Group:
     """Handled batches made durable together; open to more batches until it is written."""
@@ -45,6 +56,7 @@ class _Group:
     # Set once its events are confirmed (or it published nothing): the next group's go.
     published: asyncio.Event = field(default_factory=asyncio.Event)
     durable: asyncio.Future[None] | None = None  # its write, ended once acked
+    size: int = 0  # bytes of the messages' bodies (a sink's groups fill by size too)
 
     async def wait_published(self) -> None:
         """Until its events are confirmed, or its write ended (raises how it failed)."""
@@ -71,6 +83,7 @@ class GroupCommit:
         metrics: LoopMetrics,
         clock: Clock,
         acked: Callable[[int, Reaction], None],
+        sink: DurableSink | None = None,
     ) -> None:
         self.settings = settings
         self.broker = broker
@@ -80,6 +93,7 @@ class GroupCommit:
         self.metrics = metrics
         self.clock = clock
         self.acked = acked  # told of each group once acked
+        self.sink = sink
         self._open: _Group | None = None  # the last group, while it takes batches
         self._last: _Group | None = None  # the last group, until its write was learnt
         self._unacked: deque[_Group] = deque()  # every group not yet acked, oldest first
@@ -87,7 +101,10 @@ class GroupCommit:
         self._last_write_at = -float("inf")
         # A group is written at once when this full; the bus must still be able to deliver
         # the next batch while it is written.
-        self._full_at = max(settings.batch_size, MAX_GROUP_MESSAGES)
+        self._full_at = max(
+            settings.batch_size, MAX_GROUP_MESSAGES if sink is None else sink.full_at
+        )
+        self._full_bytes = None if sink is None else sink.full_bytes
         if broker.max_unacked is not None:
             room = broker.max_unacked - settings.batch_size
             self._full_at = max(1, min(self._full_at, room))
@@ -120,7 +137,12 @@ class GroupCommit:
             self._open = self._last = group
             self._unacked.append(group)
         self._unacked_messages += len(batch)
-        if len(group.messages) >= self._full_at:
+        full_bytes = self._full_bytes
+        if full_bytes is not None:
+            group.size += sum(len(message.body) for message in batch)
+        if len(group.messages) >= self._full_at or (
+            full_bytes is not None and group.size >= full_bytes
+        ):
             group.due.set()
         while self._unacked_messages >= self._most_unacked and self._unacked:
             oldest = self._unacked[0]
@@ -180,6 +202,8 @@ class GroupCommit:
             started = self.clock.monotonic()
             await self.outages.until_done("checkpoint", lambda: self._checkpoint(reaction))
             self.metrics.checkpoint_duration.record(self.clock.monotonic() - started)
+        if self.sink is not None:
+            await self.sink.write(batch, self.outages)
         await self.outages.until_done("ack", lambda: self.broker.ack(batch))
         if self._unacked and self._unacked[0] is group:  # else abandoned meanwhile
             self._unacked.popleft()

@@ -20,11 +20,12 @@ from opentelemetry import metrics, trace
 
 from . import telemetry
 from .brokers.base import Broker, BrokerUnavailable, InboundMessage
+from .claimcheck import ClaimCheck
 from .clock import Clock
 from .config import Settings
 from .dispatch import Dispatcher
 from .envelope import EnvelopeCodec
-from .groupcommit import MAX_GROUP_MESSAGES, GroupCommit
+from .groupcommit import MAX_GROUP_MESSAGES, DurableSink, GroupCommit
 from .health import Heartbeat
 from .intake import Intake
 from .keystate import MAX_STATE_BYTES, KeyStates
@@ -57,8 +58,14 @@ class ConsumerLoop:
         clock: Callable[[], float] = time.time,
         tracer_provider: trace.TracerProvider | None = None,
         meter_provider: metrics.MeterProvider | None = None,
+        sink: DurableSink | None = None,
+        claim_check: ClaimCheck | None = None,
     ) -> None:
+        """With a `sink`, the loop archives instead of handling: every delivery of the
+        broker's subscription is written to the sink before it is acked."""
         self.router = router
+        self.sink = sink
+        self.claim_check = claim_check  # large payloads in object storage (claimcheck.py)
         self.broker = broker
         self.state = state
         self.settings = settings
@@ -84,6 +91,7 @@ class ConsumerLoop:
         )
         self.intake = Intake(codec, router, settings.max_message_bytes, settings.consumer_group)
         self.outbound = Outbound(settings, codec, broker, self.log, self.stats, self.metrics)
+        self.outbound.claim_check = claim_check
         self.group_commit = GroupCommit(
             settings,
             broker,
@@ -93,6 +101,7 @@ class ConsumerLoop:
             self.metrics,
             self.clock,
             acked=self._acked,
+            sink=sink,
         )
         self.key_states = KeyStates(router, state, self.outages, self.group_commit.settle)
         self.dispatcher = Dispatcher(
@@ -112,6 +121,8 @@ class ConsumerLoop:
         until_done = self.outages.until_done
         await until_done("open store", self.state.open)
         topics = [self.settings.topic_for(name) for name in self.router.event_types()]
+        if self.sink is not None:
+            topics = []  # the archiver: the broker's `pattern` subscribes
         await until_done("connect", partial(self.broker.start, topics, self.streams.forget))
         self.log.info("started", topics=topics)
         self.started.set()
@@ -211,6 +222,10 @@ class ConsumerLoop:
             fences={stream: self.streams[stream].fence for stream in streams},
             recorded_at=self.clock.wall(),
         )
+        if self.sink is not None:
+            return reaction  # the sink takes the messages themselves
+        if self.claim_check is not None:
+            batch = await self.claim_check.resolve(batch, reaction, self.outages)
         work = self.intake.decode_and_dedupe(batch, self.streams, reaction)
         # Let the last group's write take its next round trip (store, then bus) before
         # handling keeps the event loop busy: its ack then waits less.

@@ -21,6 +21,7 @@ from .brokers.base import (
     dead_letter_message,
     event_message,
 )
+from .claimcheck import ClaimCheck
 from .config import Settings
 from .envelope import Envelope, EnvelopeCodec, derive_event_id, event_type_of, now
 from .reaction import Reaction
@@ -46,6 +47,7 @@ class Outbound:
         self.log = log
         self.stats = stats
         self.metrics = metrics
+        self.claim_check: ClaimCheck | None = None  # large payloads to object storage
 
     def collect(self, reaction: Reaction) -> None:
         """The reaction's emitted events, then its dead letters, as messages."""
@@ -84,6 +86,8 @@ class Outbound:
         """Publish and wait for the bus to confirm, while it is unavailable too. A message
         the bus can never take is not retried: it is replaced (`_replace_refused`) and the
         rest published again."""
+        if self.claim_check is not None:
+            reaction.outbound = await self.claim_check.check_out(reaction.outbound, outages)
         while True:
             try:
                 publish = partial(self.broker.publish, reaction.outbound)

@@ -11,11 +11,12 @@ from typing import TypeVar
 import structlog
 
 from .brokers.base import BrokerUnavailable
+from .objectstore import ObjectStoreUnavailable
 from .state.base import StateUnavailable
 from .telemetry import LoopMetrics
 
 T = TypeVar("T")
-UNAVAILABLE = (BrokerUnavailable, StateUnavailable)
+UNAVAILABLE = (BrokerUnavailable, StateUnavailable, ObjectStoreUnavailable)
 
 
 class RetryPolicy:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -261,6 +262,9 @@ class Broker(ABC):
     limits: PublishLimits | None = None
     # Where events no consumer is bound for are parked ("" where the bus keeps every event).
     unrouted_destination: str = ""
+    # Set before `start`: consume every topic matching this too (the archiver). Kafka
+    # subscribes by the pattern, RabbitMQ binds the queue to `#` on the events exchange.
+    pattern: re.Pattern[str] | None = None
 
     @abstractmethod
     async def start(self, topics: Sequence[str], on_revoked: OnRevoked | None = None) -> None:

@@ -200,6 +200,7 @@ class KafkaBroker(Broker):
         self._on_revoked = on_revoked
         options = self._client_options()
         dead_letter_topics = [self.dead_letter_destination(t) for t in topics]
+        # (The archiver's pattern names no topic to create: it takes those that exist.)
         missing = await self._prepare_topics([*topics, *dead_letter_topics])
         if missing:
             raise ConfigError(
@@ -219,7 +220,7 @@ class KafkaBroker(Broker):
             )
             await _unavailable_on_error(producer.start())
             self._producer = producer
-        if not topics:
+        if not topics and self.pattern is None:
             return
         consumer = AIOKafkaConsumer(
             **options,
@@ -231,8 +232,13 @@ class KafkaBroker(Broker):
             session_timeout_ms=self.kafka.kafka_session_timeout_ms,
             heartbeat_interval_ms=self.kafka.kafka_heartbeat_interval_ms,
             group_instance_id=self.kafka.kafka_group_instance_id,
+            # The archiver's pattern takes topics created later: look for them every 30 s.
+            metadata_max_age_ms=30_000 if self.pattern is not None else 300_000,
         )
-        consumer.subscribe(list(topics), listener=_DrainOnRevoke(self))
+        if self.pattern is not None:
+            consumer.subscribe(pattern=self.pattern.pattern, listener=_DrainOnRevoke(self))
+        else:
+            consumer.subscribe(list(topics), listener=_DrainOnRevoke(self))
         try:
             await _unavailable_on_error(consumer.start())
         except BrokerUnavailable:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 import sys
 import time
 from collections import deque
@@ -48,13 +49,18 @@ class MemoryBus:
         self.redrive_progress: dict[str, int] = {}
         self._queues: dict[str, _Queue] = {}
         self._bindings: dict[str, set[str]] = {}
+        self._patterns: dict[str, re.Pattern[str]] = {}  # group -> the topics it takes
         self._tags = itertools.count(1)
         self._publish_failures = 0
 
-    def bind(self, group: str, topics: Sequence[str]) -> None:
+    def bind(
+        self, group: str, topics: Sequence[str], pattern: re.Pattern[str] | None = None
+    ) -> None:
         self._queues.setdefault(group, _Queue())
         for topic in topics:
             self._bindings.setdefault(topic, set()).add(group)
+        if pattern is not None:
+            self._patterns[group] = pattern
 
     def put(self, message: OutboundMessage) -> int:
         """Publish one message; returns to how many groups it was routed. Raises
@@ -65,6 +71,10 @@ class MemoryBus:
         self.published.append(message)
         self.published_at.append(time.time())
         groups = sorted(self._bindings.get(message.topic, ()))
+        if self._patterns:
+            topic = message.topic
+            matching = {g for g, pattern in self._patterns.items() if pattern.match(topic)}
+            groups = sorted(matching.union(groups))
         for group in groups:
             queue = self._queues[group]
             queue.ready.append(delivery(message, group, next(self._tags)))
@@ -143,7 +153,8 @@ class MemoryBroker(Broker):
         self._delivered: dict[int, InboundMessage] = {}
 
     async def start(self, topics: Sequence[str], on_revoked: OnRevoked | None = None) -> None:
-        self.bus.bind(self.group, topics)  # one consumer per group: nothing is ever revoked
+        # One consumer per group: nothing is ever revoked.
+        self.bus.bind(self.group, topics, self.pattern)
 
     async def fetch_batch(
         self, max_messages: int, first_wait_s: float, fill_until: float

@@ -124,6 +124,8 @@ class RabbitMQBroker(Broker):
         )
         self._dead_letters, self._unrouted = await self._declare_parking(channel)
         self.limits = self._limits()
+        if self.pattern is not None:
+            topics = ["#"]  # the archiver: every event published to the exchange
         if topics:
             await self._consume(channel, topics)
 
