@@ -22,7 +22,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
@@ -120,15 +120,21 @@ class Backend:
         return parked
 
 
+def unavailable(what: str, how: str) -> NoReturn:
+    """A server or binary a test needs is missing: under CI (CI=true), which must provide
+    it, the test fails; elsewhere it is skipped, saying how to provide it."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true but {what} is missing: {how}")
+    pytest.skip(f"{what} is missing: {how}")
+
+
 def make_backend(name: str) -> Backend:
     if name == "memory":
         return Backend("memory", "memory://", None)
     support = REAL[name]
     url: str | None = support.url_from_environment()
     if url is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but {support.ADDRESS_VARIABLE} is not set: start the server")
-        pytest.skip(f"set {support.ADDRESS_VARIABLE} to run against a real {name}")
+        unavailable(support.ADDRESS_VARIABLE, f"set it to run against a real {name}")
     return Backend(name, url, support)
 
 

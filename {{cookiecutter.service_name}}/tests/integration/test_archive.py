@@ -53,7 +53,15 @@ from {{ cookiecutter.package_name }}.runtime.objectstore import (
 )
 
 from ..runtime.conftest import RunningLoop
-from .conftest import Backend, fetch_at_least, free_port, run_cli, start_cli, wait_until
+from .conftest import (
+    Backend,
+    fetch_at_least,
+    free_port,
+    run_cli,
+    start_cli,
+    unavailable,
+    wait_until,
+)
 
 pytestmark = pytest.mark.servers
 
@@ -84,9 +92,7 @@ class S3:
 def s3() -> S3:
     endpoint = os.environ.get("TEST_S3_ENDPOINT")
     if not endpoint:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI=true but TEST_S3_ENDPOINT is not set: start the S3 server")
-        pytest.skip("set TEST_S3_ENDPOINT to run against an S3-compatible server")
+        unavailable("TEST_S3_ENDPOINT", "set it to run against an S3-compatible server")
     bucket = os.environ.get("TEST_S3_BUCKET")
     if not bucket:
         bucket = f"archive-{uuid.uuid4().hex[:12]}"
@@ -303,9 +309,7 @@ class PrivateS3:
 def private_s3(tmp_path: Path) -> Iterator[PrivateS3]:
     binary = os.environ.get("TEST_S3_SERVER_BIN")
     if not binary or not os.path.exists(binary):
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI=true but TEST_S3_SERVER_BIN is missing (scripts/servers.sh)")
-        pytest.skip("set TEST_S3_SERVER_BIN (scripts/servers.sh env) to stop an S3 server")
+        unavailable("TEST_S3_SERVER_BIN", "set it (scripts/servers.sh env) to stop an S3 server")
     server = PrivateS3(binary, tmp_path)
     yield server
     server.stop()

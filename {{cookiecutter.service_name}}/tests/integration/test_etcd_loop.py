@@ -7,7 +7,6 @@ free loopback ports, so it can stop and restart it. Under CI=true a missing bina
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import signal
 import socket
@@ -36,7 +35,7 @@ from {{ cookiecutter.package_name }}.runtime.state.base import Checkpoint, KeySt
 from {{ cookiecutter.package_name }}.runtime.testing import ServiceHarness
 
 from ..runtime.conftest import FAST, RunningLoop
-from .conftest import free_port
+from .conftest import free_port, unavailable
 from .tls_support import make_certificates
 
 pytestmark = pytest.mark.servers  # starts etcd processes of its own
@@ -105,9 +104,7 @@ class PrivateEtcd:
 @pytest.fixture
 def etcd(tmp_path: Path) -> Iterator[PrivateEtcd]:
     if shutil.which("etcd") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI=true but the etcd binary is missing (Debian package etcd-server)")
-        pytest.skip("install etcd (Debian package etcd-server) to run these tests")
+        unavailable("the etcd binary", "install the Debian package etcd-server")
     server = PrivateEtcd(tmp_path / "etcd")
     server.start()
     yield server
@@ -314,9 +311,7 @@ async def test_the_etcd_key_count_stays_bounded_over_a_long_run(
 def tls_etcd(tmp_path: Path) -> Iterator[PrivateEtcd]:
     for binary in ("etcd", "openssl"):
         if shutil.which(binary) is None:
-            if os.environ.get("CI") == "true":
-                pytest.fail(f"CI=true but {binary} is missing")
-            pytest.skip(f"install {binary} to run the etcd TLS tests")
+            unavailable(binary, "install it to run the etcd TLS tests")
     server = PrivateEtcd(tmp_path / "etcd", make_certificates(tmp_path / "pki", "etcd"))
     server.start()
     yield server

@@ -27,7 +27,7 @@ from {{ cookiecutter.package_name }}.runtime.brokers.rabbitmq import RabbitMQBro
 from {{ cookiecutter.package_name }}.runtime.envelope import CONTENT_TYPE
 from {{ cookiecutter.package_name }}.runtime.errors import ConfigError
 
-from .conftest import Backend, fetch_at_least, fetch_for, run_cli
+from .conftest import Backend, fetch_at_least, fetch_for, run_cli, unavailable
 from .rabbitmq_support import drop_connection
 from .test_conformance import INT_TYPE, publish, relay_one_event
 from .tls_support import make_certificates
@@ -44,9 +44,7 @@ TLS_VARIABLES = (
 def amqps() -> dict[str, str]:
     missing = [name for name in TLS_VARIABLES if not os.environ.get(name)]
     if missing:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but {', '.join(missing)} not set: start the servers")
-        pytest.skip(f"set {', '.join(TLS_VARIABLES)} to test RabbitMQ over TLS")
+        unavailable(", ".join(missing), "set them to test RabbitMQ over TLS")
     return {name: os.environ[name] for name in TLS_VARIABLES}
 
 

@@ -26,15 +26,15 @@ from {{ cookiecutter.package_name }}.runtime.state.base import (
     KeyState,
 )
 
+from .conftest import unavailable
+
 StoreFactory = Callable[..., StateStore]
 
 
 def etcd_url() -> str:
     endpoints = os.environ.get("TEST_ETCD_ENDPOINTS")
     if not endpoints:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI=true but TEST_ETCD_ENDPOINTS is not set: start etcd")
-        pytest.skip("set TEST_ETCD_ENDPOINTS=host:port to run against etcd")
+        unavailable("TEST_ETCD_ENDPOINTS", "set it (host:port) to run against etcd")
     return f"etcd://{endpoints}"
 
 
