@@ -60,6 +60,7 @@ from {{ cookiecutter.package_name }}.runtime.state.memory import MemoryStateStor
 from {{ cookiecutter.package_name }}.runtime.testing import ServiceHarness
 
 from .conftest import RunningLoop, fast_settings, publish_to
+from .test_operator import Service, window_of_three
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
@@ -334,6 +335,27 @@ async def test_replay_from_the_archive_republishes_a_window_in_event_time_order(
     )
     await operator.summary("replay", "--from-archive", "--since", "2025-05-01T12:30:00Z")
     assert operator.ids(PLACED) == ["e-13-0-c"]  # into its own topic by default
+
+
+async def test_a_service_that_handled_an_archived_window_drops_its_replay_unless_reprocessed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    service = Service()
+    service.fixed = True
+    inside, since, until = await window_of_three(service)
+    assert (await service.run_until_idle()).handled == 4
+    await archive_all(tmp_path, service.bus.messages(service.topic))
+    monkeypatch.setenv(f"{ENV_PREFIX}ARCHIVE_URL", tmp_path.as_uri())
+    window = ["--from-archive", "--since", since.isoformat(), "--until", until.isoformat()]
+
+    assert (await service.summary(capsys, "replay", *window))["republished"] == 2
+    stats = await service.run_until_idle()
+    assert (stats.handled, stats.duplicates) == (0, 2)  # ids kept: nothing runs again
+    for _ in range(2):  # asked to handle them again, once, however often the replay runs
+        assert (await service.summary(capsys, "replay", *window, "--reprocess"))["read"] == 2
+    stats = await service.run_until_idle()
+    assert (stats.handled, stats.duplicates) == (2, 2)
+    assert sorted(service.handled[-2:]) == sorted(inside)
 
 
 async def test_replay_from_the_archive_goes_on_where_a_crash_left_it(
