@@ -23,7 +23,7 @@ from typing import Protocol
 from .brokers.base import Broker, InboundMessage
 from .clock import Clock
 from .config import Settings
-from .outbound import Outbound
+from .publishing import Publisher
 from .reaction import Reaction
 from .retry import Outages
 from .state.base import StateStore
@@ -78,7 +78,7 @@ class GroupCommit:
         settings: Settings,
         broker: Broker,
         store: StateStore,
-        outbound: Outbound,
+        publisher: Publisher,
         outages: Outages,
         metrics: LoopMetrics,
         clock: Clock,
@@ -88,7 +88,7 @@ class GroupCommit:
         self.settings = settings
         self.broker = broker
         self.store = store
-        self.outbound = outbound
+        self.publisher = publisher
         self.outages = outages
         self.metrics = metrics
         self.clock = clock
@@ -193,7 +193,7 @@ class GroupCommit:
         self._last_write_at = self.clock.monotonic()
         batch, reaction = group.messages, group.reaction
         if reaction.outbound:
-            await self.outbound.publish(reaction, self.outages)
+            await self.publisher.publish(reaction, self.outages)
         group.published.set()
         if before is not None and before.durable is not None:
             await before.durable  # its checkpoint and ack first; raises what it raised

@@ -4,9 +4,9 @@ deterministic emitted ids make the re-run harmless.
 
 One event's path, each stage its own module (docs/design.md draws it):
 fetch (`Broker.fetch_batch`) -> streams.py (restore, refresh) -> intake.py (decode, dedupe,
-group by key) -> keystate.py -> dispatch.py (handler; retry.py, tracing.py) -> outbound.py
-(emitted events and dead letters as messages) -> groupcommit.py (publish, one
-`Checkpoint` per stream, ack)."""
+group by key) -> keystate.py -> dispatch.py (handler; retry.py, tracing.py) -> emitting.py
+(emitted events and dead letters as messages) -> groupcommit.py (publishing.py, then one
+`Checkpoint` per stream, then the ack) -> accounting.py (counts and logs)."""
 
 from __future__ import annotations
 
@@ -19,18 +19,20 @@ from typing import Any
 from opentelemetry import metrics, trace
 
 from . import telemetry
+from .accounting import Accounting
 from .brokers.base import Broker, BrokerUnavailable, InboundMessage
 from .claimcheck import ClaimCheck
 from .clock import Clock
 from .config import Settings
 from .dispatch import Dispatcher
+from .emitting import Emitter
 from .envelope import EnvelopeCodec
 from .groupcommit import MAX_GROUP_MESSAGES, DurableSink, GroupCommit
 from .health import Heartbeat
 from .intake import Intake
 from .keystate import MAX_STATE_BYTES, KeyStates
 from .logs import get_logger
-from .outbound import Outbound
+from .publishing import Publisher
 from .reaction import Reaction
 from .retry import Outages, RetryPolicy
 from .router import Router
@@ -90,13 +92,12 @@ class ConsumerLoop:
             exclusive=broker.exclusive_streams,
         )
         self.intake = Intake(codec, router, settings.max_message_bytes, settings.consumer_group)
-        self.outbound = Outbound(settings, codec, broker, self.log, self.stats, self.metrics)
-        self.outbound.claim_check = claim_check
+        self.emitter = Emitter(settings, codec, broker)
         self.group_commit = GroupCommit(
             settings,
             broker,
             state,
-            self.outbound,
+            Publisher(settings, broker, self.log, claim_check),
             self.outages,
             self.metrics,
             self.clock,
@@ -112,6 +113,9 @@ class ConsumerLoop:
             self.metrics,
             self.clock,
             metering=telemetry.metrics_enabled(meter_provider),
+        )
+        self.accounting = Accounting(
+            self.stats, self.metrics, self.log, broker.unrouted_destination
         )
         # Set once the broker is connected and subscribed (tests and demos wait for it).
         self.started = asyncio.Event()
@@ -233,22 +237,14 @@ class ConsumerLoop:
         slots = await self.key_states.load(work, self.streams)
         await self.dispatcher.handle_all(work, slots, reaction)
         self.key_states.keep(slots, reaction)
-        self.outbound.collect(reaction)
+        self.emitter.collect(reaction)
         self.streams.known_before_durable(reaction)
         return reaction
 
     def _acked(self, acked: int, reaction: Reaction) -> None:
-        """A group is durable and acked: count it."""
-        stats = self.stats
-        stats.acked += acked
-        stats.handled += reaction.handled
-        stats.emitted += reaction.emitted
-        stats.duplicates += reaction.duplicates
-        self.metrics.handled.add(reaction.handled)
-        self.metrics.emitted.add(reaction.emitted)
-        self.metrics.duplicates.add(reaction.duplicates)
+        """A group is durable and acked."""
         self.streams.durable(reaction.progress)
-        self.outbound.report(reaction)
+        self.accounting.acked(acked, reaction)
 
     async def _rejoin(self, refused: Fenced | Conflict, topics: list[str]) -> None:
         """Drop everything unacked and join again: a newer owner took a stream over

@@ -283,6 +283,11 @@ class Broker(ABC):
     def dead_letter_destination(self, topic: str) -> str:
         """Where a message delivered from `topic` is parked: its dead letter's `topic`."""
 
+    def dead_letter(self, record: DeadLetterRecord, service: str) -> OutboundMessage:
+        """The message that parks `record` in its dead-letter destination."""
+        destination = self.dead_letter_destination(record.message.topic)
+        return dead_letter_message(record, destination, service)
+
     def span_attributes(self, message: InboundMessage) -> Mapping[str, Any]:
         """OpenTelemetry attributes of a delivery only this bus knows (Kafka: partition and
         offset)."""

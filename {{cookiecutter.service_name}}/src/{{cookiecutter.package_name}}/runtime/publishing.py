@@ -1,11 +1,9 @@
-"""Outbound: a reaction's emitted events and dead letters as messages for the bus, and
-their publishing, where a message the bus can never take must not stall the loop."""
+"""Publishing: group commit's first step. A group's messages go to the bus, which
+confirms them; a message the bus can never take must not stall the loop."""
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Mapping
-from datetime import datetime
 from functools import partial
 
 import structlog
@@ -18,69 +16,25 @@ from .brokers.base import (
     OutboundMessage,
     PublishLimits,
     Unpublishable,
-    dead_letter_message,
-    event_message,
 )
 from .claimcheck import ClaimCheck
 from .config import Settings
-from .envelope import Envelope, EnvelopeCodec, derive_event_id, event_type_of, now
 from .reaction import Reaction
 from .retry import Outages
-from .router import Emitted
-from .stats import LoopStats
-from .telemetry import LoopMetrics
 
 
-class Outbound:
+class Publisher:
     def __init__(
         self,
         settings: Settings,
-        codec: EnvelopeCodec,
         broker: Broker,
         log: structlog.typing.FilteringBoundLogger,
-        stats: LoopStats,
-        metrics: LoopMetrics,
+        claim_check: ClaimCheck | None = None,
     ) -> None:
         self.settings = settings
-        self.codec = codec
         self.broker = broker
         self.log = log
-        self.stats = stats
-        self.metrics = metrics
-        self.claim_check: ClaimCheck | None = None  # large payloads to object storage
-
-    def collect(self, reaction: Reaction) -> None:
-        """The reaction's emitted events, then its dead letters, as messages."""
-        outbound, emitted_at = reaction.outbound, now()  # one time for the whole batch
-        for item, emitted in reaction.emits:
-            outbound.extend(
-                self._event(item.envelope, event, item.message, emitted_at) for event in emitted
-            )
-        reaction.emits = []
-        outbound.extend(self._dead_letter(record) for record in reaction.dead)
-
-    def _event(
-        self, parent: Envelope, emitted: Emitted, origin: InboundMessage, emitted_at: datetime
-    ) -> OutboundMessage:
-        event_type = event_type_of(emitted.message)
-        envelope = Envelope(
-            id=derive_event_id(parent.id, emitted.position),
-            type=event_type,
-            source=self.settings.event_source,
-            payload=emitted.message,
-            subject=emitted.key,
-            time=emitted_at,
-            extensions={
-                "causationid": parent.id,
-                "correlationid": parent.extensions.get("correlationid", parent.id),
-            },
-        )
-        topic = self.settings.topic_for(event_type)
-        return event_message(self.codec, envelope, topic, emitted.headers, origin)
-
-    def _dead_letter(self, record: DeadLetterRecord) -> OutboundMessage:
-        destination = self.broker.dead_letter_destination(record.message.topic)
-        return dead_letter_message(record, destination, self.settings.consumer_group)
+        self.claim_check = claim_check  # large payloads to object storage
 
     async def publish(self, reaction: Reaction, outages: Outages) -> None:
         """Publish and wait for the bus to confirm, while it is unavailable too. A message
@@ -121,7 +75,7 @@ class Outbound:
                 record = DeadLetterRecord(source, "emit-unpublishable", why)
                 reaction.dead.append(record)
                 reaction.handled -= 1
-                parked.append(self._dead_letter(record))
+                parked.append(self.broker.dead_letter(record, self.settings.consumer_group))
         kept = []
         for index, message in enumerate(outbound):
             if index in cut:
@@ -143,27 +97,6 @@ class Outbound:
         else:
             self.log.warning(
                 "dead letter cut to fit the bus", why=why, origin=where, size=len(message.body)
-            )
-
-    def report(self, reaction: Reaction) -> None:
-        """Once acked: what was parked, counted and logged (unrouted events once per group)."""
-        if unrouted := reaction.unrouted:
-            self.stats.unrouted += len(unrouted)
-            self.metrics.unrouted.add(len(unrouted))
-            self.log.warning(
-                "emitted events no consumer is bound for; parked",
-                parked_in=self.broker.unrouted_destination,
-                topics=dict(Counter(message.topic for message in unrouted)),
-            )
-        for record in reaction.dead:
-            self.stats.dead_lettered[record.reason] += 1
-            self.metrics.dead_lettered.add(1, {"reason": record.reason})
-            self.log.warning(
-                "dead-lettered",
-                reason=record.reason,
-                error=record.error,
-                stream=record.message.stream,
-                position=record.message.position,
             )
 
 
