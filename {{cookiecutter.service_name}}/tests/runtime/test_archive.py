@@ -148,6 +148,53 @@ async def test_every_event_lands_in_a_parquet_file_with_its_attributes(
     assert all(name.rsplit("/", 1)[1].startswith("test-writer-") for name in files)
 
 
+async def test_events_of_other_producers_get_their_attribute_columns(
+    tmp_path: Path, running: tuple[Archiver, RunningLoop]
+) -> None:
+    """CloudEvents in binary mode (attributes in headers) and in structured JSON mode are
+    archived with their attributes, under their type and hour, bytes and headers as sent."""
+    archiver, loop = running
+    service = archiver.service
+    topic = service.settings.topic_for(PLACED)
+    binary = {
+        "ce_specversion": "1.0",
+        "ce_id": "java-1",
+        "ce_source": "urn:java",
+        "ce_type": PLACED,
+        "ce_subject": "o7",
+        "ce_time": "2025-05-01T10:15:00Z",
+        "ce_dataschema": "urn:schema:1",
+        "content-type": "application/json",
+    }
+    service.publish_raw(b'{"orderId": "o7"}', topic, key="o7", headers=binary)
+    structured = {
+        "specversion": "1.0",
+        "id": "go-1",
+        "source": "urn:go",
+        "type": PLACED,
+        "time": "2025-05-01T11:45:00+00:00",
+        "data": {"orderId": "o8"},
+    }
+    body = json.dumps(structured).encode()
+    json_headers = {"content-type": "application/cloudevents+json"}
+    service.publish_raw(body, topic, key="o8", headers=json_headers)
+    await loop.wait_until(lambda: archiver.pending == 0 and len(service.bus.published) == 2)
+    await loop.stop_gracefully()
+
+    by_id = {row["id"]: row for row in read_archive(tmp_path)}
+    assert sorted(by_id) == ["go-1", "java-1"]
+    java, go = by_id["java-1"], by_id["go-1"]
+    assert java["type"] == go["type"] == PLACED
+    assert (java["source"], java["subject"]) == ("urn:java", "o7")
+    assert java["dataschema"] == "urn:schema:1"
+    assert java["datacontenttype"] == "application/json"
+    assert java["time"] == datetime(2025, 5, 1, 10, 15, tzinfo=UTC)
+    assert (java["hour"], go["hour"]) == (10, 11)
+    assert java["envelope"] == b'{"orderId": "o7"}'
+    assert dict(java["headers"]) == binary
+    assert (go["source"], go["envelope"]) == ("urn:go", body)
+
+
 async def test_files_rotate_by_size(tmp_path: Path) -> None:
     archiver = Archiver(
         local_store(tmp_path), archive_settings(archive_file_max_bytes=1), batch_size=2

@@ -68,59 +68,11 @@ class ContentModes:
 
     def _decode(self, body: bytes, headers: Mapping[str, str]) -> tuple[Envelope, bool]:
         """The event, and whether it came in the native format."""
-        content_type = headers.get(CONTENT_TYPE_HEADER)
-        media = _media_type(content_type)
-        if media == STRUCTURED_JSON:
-            return self._structured_json(body), False
-        if media != CONTENT_TYPE:
-            if media.startswith("application/cloudevents"):
-                raise UndecodableEvent(
-                    "unsupported-content-type",
-                    f"structured mode {content_type!r} is not accepted "
-                    f"({CONTENT_TYPE} or {STRUCTURED_JSON} are)",
-                )
-            if (prefix := _binary_prefix(headers)) is not None:
-                return self._binary(body, headers, prefix, content_type), False
-            if media:
-                raise UndecodableEvent(
-                    "undecodable",
-                    f"content type {content_type!r} is no CloudEvents format, and no binary-"
-                    f"mode headers ({', '.join(p + 'specversion' for p in BINARY_PREFIXES)})",
-                )
-        return self.codec.decode(body), True  # also a message without headers: native
-
-    def _binary(
-        self, body: bytes, headers: Mapping[str, str], prefix: str, content_type: str | None
-    ) -> Envelope:
-        start = len(prefix)
-        attributes: dict[str, Any] = {
-            name[start:]: value for name, value in headers.items() if name.startswith(prefix)
-        }
-        # Binary mode: the message's content type is the data's (every binding agrees).
-        attributes["datacontenttype"] = content_type
-        return self._envelope(attributes, body, "binary")
-
-    def _structured_json(self, body: bytes) -> Envelope:
-        try:
-            attributes = json.loads(body)
-        except (ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
-            raise UndecodableEvent("undecodable", f"not a CloudEvent in JSON: {error}") from None
-        if not isinstance(attributes, dict):
-            raise UndecodableEvent("undecodable", "not a CloudEvent in JSON: not an object")
-        data = attributes.pop("data", _NO_DATA)
-        encoded = attributes.pop("data_base64", _NO_DATA)
-        if encoded is not _NO_DATA:
-            if data is not _NO_DATA:
-                raise UndecodableEvent("invalid-envelope", "has both data and data_base64")
-            try:
-                if not isinstance(encoded, str):
-                    raise ValueError(f"a JSON {type(encoded).__name__}, not a string")
-                data = base64.b64decode(encoded, validate=True)
-            except (binascii.Error, ValueError) as error:
-                raise UndecodableEvent(
-                    "undecodable", f"data_base64 is not base64: {error}"
-                ) from None
-        return self._envelope(attributes, data, "structured")
+        found = other_mode(body, headers)
+        if found is None:
+            return self.codec.decode(body), True  # also a message without headers: native
+        mode, attributes, data = found
+        return self._envelope(attributes, data, mode), False
 
     def _envelope(self, attributes: Mapping[str, Any], data: object, mode: str) -> Envelope:
         """`data`: bytes (the body in binary mode, data_base64), a JSON value (structured
@@ -147,7 +99,7 @@ class ContentModes:
             for name, value in attributes.items()
             if name not in _CORE and value is not None
         }
-        time = _time(attributes.get("time"))  # the attributes are checked before the data
+        time = event_time(attributes.get("time"))  # the attributes are checked before the data
         media = _media_type(attributes.get("datacontenttype"))
         payload = self._payload(event_type, media, data)
         return Envelope(
@@ -199,6 +151,62 @@ class ContentModes:
             raise UndecodableEvent("json-mismatch", f"{event_type}: {error}") from None
 
 
+def other_mode(
+    body: bytes, headers: Mapping[str, str]
+) -> tuple[str, dict[str, Any], object] | None:
+    """(mode, attributes, data) of an event in binary or structured JSON mode, its data
+    not yet read; None when the content type and headers say the native format (or say
+    nothing). Raises UndecodableEvent for any other format."""
+    content_type = headers.get(CONTENT_TYPE_HEADER)
+    media = _media_type(content_type)
+    if media == STRUCTURED_JSON:
+        return ("structured", *_structured_json(body))
+    if media == CONTENT_TYPE:
+        return None
+    if media.startswith("application/cloudevents"):
+        raise UndecodableEvent(
+            "unsupported-content-type",
+            f"structured mode {content_type!r} is not accepted "
+            f"({CONTENT_TYPE} or {STRUCTURED_JSON} are)",
+        )
+    if (prefix := _binary_prefix(headers)) is not None:
+        start = len(prefix)
+        attributes: dict[str, Any] = {
+            name[start:]: value for name, value in headers.items() if name.startswith(prefix)
+        }
+        # Binary mode: the message's content type is the data's (every binding agrees).
+        attributes["datacontenttype"] = content_type
+        return "binary", attributes, body
+    if media:
+        raise UndecodableEvent(
+            "undecodable",
+            f"content type {content_type!r} is no CloudEvents format, and no binary-"
+            f"mode headers ({', '.join(p + 'specversion' for p in BINARY_PREFIXES)})",
+        )
+    return None
+
+
+def _structured_json(body: bytes) -> tuple[dict[str, Any], object]:
+    try:
+        attributes = json.loads(body)
+    except (ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
+        raise UndecodableEvent("undecodable", f"not a CloudEvent in JSON: {error}") from None
+    if not isinstance(attributes, dict):
+        raise UndecodableEvent("undecodable", "not a CloudEvent in JSON: not an object")
+    data = attributes.pop("data", _NO_DATA)
+    encoded = attributes.pop("data_base64", _NO_DATA)
+    if encoded is not _NO_DATA:
+        if data is not _NO_DATA:
+            raise UndecodableEvent("invalid-envelope", "has both data and data_base64")
+        try:
+            if not isinstance(encoded, str):
+                raise ValueError(f"a JSON {type(encoded).__name__}, not a string")
+            data = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError) as error:
+            raise UndecodableEvent("undecodable", f"data_base64 is not base64: {error}") from None
+    return attributes, data
+
+
 def _binary_prefix(headers: Mapping[str, str]) -> str | None:
     for prefix in BINARY_PREFIXES:
         if prefix + "specversion" in headers:
@@ -228,7 +236,7 @@ def _extension_text(name: str, value: object) -> str:
     )
 
 
-def _time(value: object) -> datetime | None:
+def event_time(value: object) -> datetime | None:
     """RFC 3339 text, or an AMQP timestamp (milliseconds since the epoch, as the AMQP
     binding's native form arrives in a header); a time without zone is UTC."""
     if value is None or value == "":

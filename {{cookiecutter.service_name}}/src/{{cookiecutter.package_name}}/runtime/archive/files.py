@@ -5,7 +5,9 @@ Hive-partitioned by event type and hour of the event time:
 
 One row per delivered message. The partition columns (`type`, `date`, `hour`) live in
 the path only (Spark and Trino refuse a column that is both in the files and in the
-path). A message that is not a CloudEvent is archived too, raw, with null attributes,
+path). Events of other producers in CloudEvents binary or structured JSON mode get
+their attribute columns too (`envelope` and `headers` keep them as they came). A message
+that is not a CloudEvent in any accepted mode is archived too, raw, with null attributes,
 under `type=_undecodable` and the hour it was archived: every message that crossed the
 bus is in the archive. docs/operating.md documents the columns for Spark, Trino, Athena.
 """
@@ -26,6 +28,8 @@ from google.protobuf.message import DecodeError
 
 from ...events import cloudevents_pb2
 from ..brokers.base import InboundMessage
+from ..errors import UndecodableEvent
+from ..modes import event_time, other_mode
 
 UNDECODABLE_TYPE = "_undecodable"
 COMPRESSION = "zstd"
@@ -103,6 +107,29 @@ def attributes(body: bytes) -> tuple[str, tuple[Any, ...]] | None:
     )
 
 
+def other_mode_attributes(message: InboundMessage) -> tuple[str, tuple[Any, ...]] | None:
+    """As `attributes`, for an event in binary or structured JSON mode (modes.py); None
+    for a message that is no CloudEvent in those modes."""
+    try:
+        found = other_mode(message.body, message.headers)
+        if found is None:
+            return None
+        attributes = found[1]
+        event_id, event_type = attributes.get("id"), attributes.get("type")
+        if not (isinstance(event_id, str) and event_id and isinstance(event_type, str)):
+            return None
+        time = event_time(attributes.get("time"))
+    except UndecodableEvent:
+        return None
+    texts = [attributes.get(name) for name in ("source", "subject")]
+    texts += [attributes.get(name) for name in ("datacontenttype", "dataschema")]
+    source, subject, content_type, schema = (
+        value if isinstance(value, str) and value else None for value in texts
+    )
+    micros = None if time is None else int(time.timestamp()) * 1_000_000 + time.microsecond
+    return event_type, (event_id, source, subject, micros, content_type, schema)
+
+
 def _text(value: Any) -> str:
     kind = value.WhichOneof("attr")
     return str(getattr(value, kind)) if kind is not None else ""
@@ -126,7 +153,7 @@ def partitioned(
     files: dict[tuple[str, int], Columns] = {}
     partitions: dict[str, int | None] = {}
     for message in messages:
-        found = attributes(message.body)
+        found = attributes(message.body) or other_mode_attributes(message)
         if found is None:
             event_type, values = UNDECODABLE_TYPE, _NO_ATTRIBUTES
         else:
