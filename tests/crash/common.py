@@ -36,6 +36,14 @@ class Modules:
         name = "kafka_support" if broker_url.startswith("kafka:") else "rabbitmq_support"
         return importlib.import_module(f"tests.integration.{name}")
 
+    def producer_settings(self, run: str, broker_url: str) -> Any:
+        """Settings of the driver's producer: the service's topics, a group of its own."""
+        return self.config.Settings(
+            broker_url=broker_url,
+            consumer_group=f"crash-{run}-producer",
+            topic_prefix=f"crash-{run}.",
+        )
+
     def service_env(self, run: str, out: Path, broker_url: str, state_url: str) -> dict[str, str]:
         """The service's environment: its own group and topics, handlers logging to `out`."""
         prefix = self.config.ENV_PREFIX

@@ -45,11 +45,7 @@ else:
     STATE_URL = f"sqlite://{OUT / 'state.db'}"
 
 RUN = uuid.uuid4().hex[:8]
-settings = modules.config.Settings(
-    broker_url=BROKER_URL,
-    consumer_group=f"crash-{RUN}-producer",
-    topic_prefix=f"crash-{RUN}.",
-)
+settings = modules.producer_settings(RUN, BROKER_URL)
 events = Events(modules, settings)
 TOPIC = events.topic
 

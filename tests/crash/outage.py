@@ -78,11 +78,7 @@ async def main(started: list[Server | Service]) -> dict[str, Any]:
         server.start()
         started.append(server)
     run = uuid.uuid4().hex[:8]
-    settings = modules.config.Settings(
-        broker_url=broker_url,
-        consumer_group=f"crash-{run}-producer",
-        topic_prefix=f"crash-{run}.",
-    )
+    settings = modules.producer_settings(run, broker_url)
     events = Events(modules, settings)
     service = Service(PACKAGE, OUT, modules.service_env(run, OUT, broker_url, state_url))
     started.append(service)
