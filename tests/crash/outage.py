@@ -156,8 +156,10 @@ async def main(started: list[Server | Service]) -> dict[str, Any]:
         "poison": POISON,
         "poison_parked": len({body for body, _ in parked} & set(poison)),
         "resumed_after_restart_s": resumed_s,
-        # The outages were felt: steps the service retried while a server was down.
+        # The outages were felt: steps the service retried while a server was down, and
+        # reconnects of a RabbitMQ connection (it may have had nothing to retry).
         "retried_steps": service.log_tail(10**9).count("failed; retrying"),
+        "reconnects": service.log_tail(10**9).count("reconnected; dropped deliveries"),
         "exit_code_on_sigterm": exit_code,
         "elapsed_s": round(time.monotonic() - began, 1),
     }
