@@ -246,3 +246,27 @@ async def test_a_group_of_batches_writes_each_key_once_naming_every_event_applie
     assert stored.value == b'{"count":6}'
     assert stored.applied == tuple(ids[2:])
     assert [event_id for event_id, _ in (await store.load(group)).records] == ids
+
+
+@pytest.mark.parametrize("exclusive", [False, True])
+async def test_reading_a_key_waits_only_for_batches_that_changed_it(exclusive: bool) -> None:
+    """A key's state is read from the store without waiting for earlier batches to be
+    durable, unless one of them changed that key (the store is then behind on it): acks
+    that never end hold back only the key they changed. An exclusive stream's owner
+    handles that key from what it holds."""
+    rig = Rig(MemoryStateStore(1000, 3600, time.time))
+    rig.settings = fast_settings(batch_size=1)
+    bus, seen, router = rig.bus, rig.seen, rig.router
+    for key in ("a", "b", "c"):
+        await publish_to(bus, router, StringValue(value="x"), key=key)
+
+    running = rig.start(exclusive=exclusive, hang_acks=True)  # nothing becomes durable
+    await running.wait_until(lambda: len(seen) == 3)
+    await publish_to(bus, router, StringValue(value="x"), key="a")
+    if exclusive:
+        await running.wait_until(lambda: len(seen) == 4)
+    else:
+        await asyncio.sleep(0.3)  # a shared stream reads it again: after "a" is durable
+    await running.crash()
+
+    assert seen == [("a", 1), ("b", 1), ("c", 1), *([("a", 2)] if exclusive else [])]

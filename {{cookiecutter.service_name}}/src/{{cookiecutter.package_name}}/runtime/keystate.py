@@ -79,11 +79,13 @@ class KeyStates:
 
     async def load(self, work: WorkByKey, streams: Streams) -> SlotsByKey:
         """State of every key a stateful handler will see: one read per stream, and none
-        for keys an exclusive stream's owner already holds."""
+        for keys an exclusive stream's owner already holds. The read waits for batches
+        before this one to be durable only if one of them changed a key it reads."""
         if not self.router.has_stateful():
             return {}
         found: dict[str, dict[str, KeyState]] = defaultdict(dict)
         missing: dict[str, list[str]] = defaultdict(list)
+        behind = False
         for (stream, key), items in work.items():
             if any(item.spec.stateful for item in items):
                 held = streams.get(stream)  # None: given up in a rebalance meanwhile
@@ -92,8 +94,10 @@ class KeyStates:
                     found[stream][key] = cached
                 else:
                     missing[stream].append(key)
+                    behind = behind or held is None or held.store_is_behind(key)
         if missing:
-            await self.settle()  # the store holds the batches before this one first
+            if behind:
+                await self.settle()  # the store first holds what batches before changed
             loaded = await asyncio.gather(
                 *(
                     self.outages.until_done(
@@ -104,6 +108,8 @@ class KeyStates:
             )
             for stream, states in zip(list(missing), loaded, strict=True):
                 found[stream].update(states)
+                if (held := streams.get(stream)) is not None:
+                    held.remember_states(states)
         return {
             (stream, key): KeySlot(state)
             for stream, states in found.items()

@@ -243,7 +243,7 @@ class ConsumerLoop:
 
     def _acked(self, acked: int, reaction: Reaction) -> None:
         """A group is durable and acked."""
-        self.streams.durable(reaction.progress)
+        self.streams.durable(reaction)
         self.accounting.acked(acked, reaction)
 
     async def _rejoin(self, refused: Fenced | Conflict, topics: list[str]) -> None:

@@ -48,6 +48,7 @@ class Reaction:
     handled: int = 0
     emitted: int = 0
     duplicates: int = 0
+    last_batch: int = 0  # the number of the last batch it holds (Streams counts them)
 
     def joins(self, later: Reaction) -> bool:
         """Whether `later` may be written together with this reaction: a stream handled
@@ -63,6 +64,7 @@ class Reaction:
         for stream, ids in later.processed.items():
             self.processed[stream] += ids
         self.recorded_at = max(self.recorded_at, later.recorded_at)
+        self.last_batch = max(self.last_batch, later.last_batch)
         self.fences.update(later.fences)
         self.handled += later.handled
         self.emitted += later.emitted

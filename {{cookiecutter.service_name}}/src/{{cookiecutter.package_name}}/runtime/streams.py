@@ -36,6 +36,9 @@ class StreamState:
     cursor: int = 0  # shared: where the last look at other replicas' records ended
     progress: int = 0
     states: OrderedDict[str, KeyState] = field(default_factory=OrderedDict)
+    # Keys whose state a batch not yet durable changed, with that batch's number: the
+    # store is behind on them (and only on them) until it is.
+    changing: dict[str, int] = field(default_factory=dict)
 
     def not_checkpointed(
         self, messages: Iterable[InboundMessage], reaction: Reaction
@@ -62,7 +65,13 @@ class StreamState:
         (other replicas write them too)."""
         return self.states.get(key) if self.exclusive else None
 
+    def store_is_behind(self, key: str) -> bool:
+        """Whether a batch not yet durable changed the key's state."""
+        return key in self.changing
+
     def remember_states(self, states: Mapping[str, KeyState]) -> None:
+        """States read from the store, or changed by a batch: an exclusive stream's owner
+        is the only writer, so they stay current."""
         if not self.exclusive:
             return
         cache = self.states
@@ -95,6 +104,7 @@ class Streams:
         self.stats = stats
         self.exclusive = exclusive
         self._held: dict[str, StreamState] = {}
+        self._batches = 0  # batches handled: numbers them (Reaction.last_batch)
 
     def __getitem__(self, stream: str) -> StreamState:
         return self._held[stream]
@@ -139,6 +149,8 @@ class Streams:
     def known_before_durable(self, reaction: Reaction) -> None:
         """What the next batch must see while `reaction` is still being made durable."""
         now = self.clock.wall()
+        self._batches += 1
+        reaction.last_batch = number = self._batches
         for stream, digests in reaction.digests.items():
             state = self._held.get(stream)
             if state is not None:  # else given up in a rebalance while being handled
@@ -146,13 +158,21 @@ class Streams:
         for stream, states in reaction.states.items():
             if (state := self._held.get(stream)) is not None:
                 state.remember_states(states)
+                state.changing.update(dict.fromkeys(states, number))
 
-    def durable(self, progress: Mapping[str, int]) -> None:
-        """Progress now checkpointed and acked."""
-        for stream, position in progress.items():
+    def durable(self, reaction: Reaction) -> None:
+        """A group's checkpoint is written and its messages acked."""
+        for stream, position in reaction.progress.items():
             state = self._held.get(stream)
             if state is not None:  # still ours (a rebalance may have taken it)
                 state.progress = position
+        last = reaction.last_batch
+        for stream, states in reaction.states.items():
+            if (state := self._held.get(stream)) is not None:
+                changing = state.changing
+                for key in states:  # unless a later batch changed it again
+                    if changing.get(key, last + 1) <= last:
+                        del changing[key]
 
     def forget(self, streams: Iterable[str] | None = None) -> None:
         """Streams given up (all when None): their next owner restores them from the store."""
