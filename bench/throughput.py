@@ -73,6 +73,15 @@ parser.add_argument("--json", type=Path, default=None)
 parser.add_argument("--latency-rate", type=int, default=2000, help="msg/s for the latency runs")
 parser.add_argument("--latency-seconds", type=float, default=5.0, help="length of each latency run")
 parser.add_argument("--rounds", type=int, default=5, help="runs per contestant; the best counts")
+parser.add_argument(
+    "--only", default=None, help="comma-separated contestants to run (ratios of those only)"
+)
+parser.add_argument(
+    "--profile",
+    type=Path,
+    default=None,
+    help="record each contestant with py-spy (on PATH) into this folder, as collapsed stacks",
+)
 parser.add_argument("--contestant", default=None, help=argparse.SUPPRESS)  # child process
 parser.add_argument("--run", default=None, help=argparse.SUPPRESS)
 parser.add_argument("--label", default=None, help=argparse.SUPPRESS)  # group / queue suffix
@@ -133,10 +142,16 @@ def run_child(run: str, name: str, label: str) -> dict[str, Any]:
     command += ["--latency-rate", str(args.latency_rate), "--latency-seconds"]
     command += [str(args.latency_seconds), "--contestant", name, "--run", run]
     command += ["--label", label, "--rounds", str(args.rounds)]
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
+        record = ["py-spy", "record", "--rate", "250", "--format", "raw", "--nonblocking"]
+        command = [*record, "-o", str(args.profile / f"{label}.txt"), "--", *command]
     done = subprocess.run(command, capture_output=True, text=True, timeout=DEADLINE_S + 60)
     if done.returncode != 0:
         raise SystemExit(f"{name} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    # The last JSON line: py-spy, when profiling, writes its own lines after it.
+    last = [line for line in done.stdout.splitlines() if line.startswith("{")][-1]
+    result: dict[str, Any] = json.loads(last)
     return result
 
 
@@ -155,12 +170,18 @@ def main() -> None:
     run = uuid.uuid4().hex[:8]
     contestants = table(bench)
     names = list(contestants)
+    if args.only is not None:
+        wanted = args.only.split(",")
+        unknown = sorted(set(wanted) - set(names))
+        if unknown:
+            raise SystemExit(f"unknown contestants {unknown}: choose from {names}")
+        names = [name for name in names if name in wanted]
     print(
         f"{args.events} events ({PAYLOAD_BYTES} B payloads, {DUPLICATE_SHARE:.0%} duplicates,"
         f" {KEYS} keys) on {args.broker}, {args.rounds} rounds",
         file=sys.stderr,
     )
-    used = {contestant.feed for contestant in contestants.values()}
+    used = {contestants[name].feed for name in names}
     data = {feed: events(bench, feed, args.events) for feed in used}
     results: dict[str, dict[str, Any]] = {}
     rounds: list[dict[str, float]] = []  # each round's rates: ratios within one round
@@ -187,7 +208,7 @@ def main() -> None:
                 results[name] = result
         if args.broker == "rabbitmq":
             asyncio.run(drop_rabbitmq_queues(bench, run, labels))
-    for name in LATENCY:
+    for name in LATENCY if args.only is None else []:
         print(f"{name} ...", file=sys.stderr)
         results[name] = run_child(run, name, name)
         if args.broker == "rabbitmq":  # the latency run's own queues (see ours.latency)
@@ -204,10 +225,12 @@ def main() -> None:
             "per_round": [round(rates[ours_name] / rates[peer], 2) for rates in rounds],
         }
         for ours_name, peer, target in pairs
+        if ours_name in results and peer in results
     ]
     latency_targets = [
         {"run": name, "figure": figure, "value": results[name][figure], "at_most": bound}
         for name, figure, bound in LATENCY_TARGETS
+        if name in results
     ]
     report = {
         "broker": args.broker,
@@ -253,6 +276,8 @@ def print_report(report: dict[str, Any]) -> None:
             f"{'' if writes is None else f'{writes:15.1f}'}"
         )
     for name in LATENCY:
+        if name not in report["results"]:
+            continue
         lat = report["results"][name]
         print(
             f"publish -> ack at {lat['offered_rate']} msg/s (etcd state, {lat['handler']}"

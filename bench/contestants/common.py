@@ -187,11 +187,16 @@ async def load_kafka(bench: Bench, run: str, data: dict[Feed, list[tuple[bytes, 
     await create_kafka_topics(bench, run, list(data))
     producer = AIOKafkaProducer(bootstrap_servers=KAFKA, acks="all", linger_ms=5)
     await producer.start()
+    # As a service's producer sends them: the content type names the envelope's format.
+    header = bench.module("runtime.brokers.base").CONTENT_TYPE_HEADER
+    headers = [(header, bench.codec().content_type.encode())]
     try:
         for feed, messages in data.items():
             for start in range(0, len(messages), 5000):
                 sends = [
-                    await producer.send(topic(run, feed.event_type), body, key=key.encode())
+                    await producer.send(
+                        topic(run, feed.event_type), body, key=key.encode(), headers=headers
+                    )
                     for body, key in messages[start : start + 5000]
                 ]
                 await asyncio.gather(*sends)
@@ -236,6 +241,7 @@ async def load_rabbitmq(
                 queue(run, name), durable=True, arguments=queue_arguments(run, name)
             )
             await declared.bind(exchange, routing_key=topic(run, feed.event_type))
+        content_type = bench.codec().content_type  # as a service's producer sends it
         for feed, messages in data.items():
             if feed not in queues.values():
                 continue  # nobody reads it this round
@@ -245,6 +251,7 @@ async def load_rabbitmq(
                         exchange.publish(
                             aio_pika.Message(
                                 body,
+                                content_type=content_type,
                                 headers={"x-key": key},
                                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                             ),
