@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 import time
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from google.protobuf.wrappers_pb2 import StringValue
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from {{ cookiecutter.package_name }}.runtime import Context, DeadLetter, RetryLater, Router
 from {{ cookiecutter.package_name }}.runtime.brokers.memory import MemoryBus
 from {{ cookiecutter.package_name }}.runtime.loop import MAX_STATE_BYTES
 from {{ cookiecutter.package_name }}.runtime.state.base import Checkpoint, KeyState
+from {{ cookiecutter.package_name }}.runtime.state.encoding import decode_json, encode_json
 from {{ cookiecutter.package_name }}.runtime.state.memory import MemoryStateStore
 from {{ cookiecutter.package_name }}.runtime.testing import ServiceHarness
 
@@ -270,3 +277,35 @@ async def test_reading_a_key_waits_only_for_batches_that_changed_it(exclusive: b
     await running.crash()
 
     assert seen == [("a", 1), ("b", 1), ("c", 1), *([("a", 2)] if exclusive else [])]
+
+
+# JSON values as handlers keep them: any float but NaN and infinity, ints of any size.
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(database=None, deadline=None)  # no .hypothesis/ folder; speed is not under test
+@given(JSON_VALUES)
+def test_state_json_reads_back_what_the_standard_library_would(value: Any) -> None:
+    strict = json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    assert decode_json(encode_json(value)) == json.loads(strict)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [{"n": math.nan}, {"n": [math.inf]}, {"s": {1, 2}}, {"at": datetime.now(UTC)}, {"o": object()}],
+)
+def test_state_json_refuses_what_is_no_json_value(value: Any) -> None:
+    with pytest.raises((TypeError, ValueError)):
+        encode_json(value)
+
+
+def test_state_json_takes_int_keys_and_big_ints_as_the_standard_library_does() -> None:
+    assert decode_json(encode_json({1: 2**70, 2: None})) == {"1": 2**70, "2": None}

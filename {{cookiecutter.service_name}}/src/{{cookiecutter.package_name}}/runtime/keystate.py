@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -16,11 +15,10 @@ from .reaction import Reaction
 from .retry import Outages
 from .router import Router
 from .state.base import KeyState, StateStore
+from .state.encoding import decode_json, encode_json
 from .streams import Streams
 
 MAX_STATE_BYTES = 64 * 1024  # per key: state travels in every checkpoint that changes it
-# One encoder for every handled event (json.dumps with options builds one per call).
-_encode_state = json.JSONEncoder(separators=(",", ":"), sort_keys=True, allow_nan=False).encode
 
 
 @dataclass(slots=True)
@@ -37,12 +35,12 @@ class KeySlot:
 
     def begin(self) -> dict[str, Any]:
         """A fresh copy for one attempt: a failed attempt leaves no trace."""
-        return dict(json.loads(self.value)) if self.value is not None else {}
+        return dict(decode_json(self.value)) if self.value is not None else {}
 
     def finish(self, event_id: str, state: dict[str, Any]) -> None:
         """Keep what a successful handler left in ctx.state; DeadLetter if unusable."""
         try:
-            encoded = _encode_state(state)
+            encoded = encode_json(state)
         except (TypeError, ValueError) as error:
             raise DeadLetter(
                 "handler-failed", f"ctx.state must hold JSON values: {error}"
@@ -52,7 +50,7 @@ class KeySlot:
                 "state-too-large",
                 f"ctx.state is {len(encoded)} bytes encoded; the limit is {MAX_STATE_BYTES}",
             )
-        value = None if encoded == "{}" else encoded.encode()
+        value = None if encoded == b"{}" else encoded
         self.applied.append(event_id)
         if value != self.value:
             self.value, self.changed = value, True

@@ -17,10 +17,11 @@ event apply twice to a key's state.
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+
+from .encoding import decode_json, encode_json
 
 
 class StateUnavailable(Exception):
@@ -81,13 +82,13 @@ class KeyState:
     def encode(self) -> bytes:
         """The stored form: {"v": <value or null>, "a": [applied ids]}."""
         value = b"null" if self.value is None else self.value
-        return b'{"v":' + value + b',"a":' + json.dumps(list(self.applied)).encode() + b"}"
+        return b'{"v":' + value + b',"a":' + encode_json(list(self.applied)) + b"}"
 
     @classmethod
     def decode(cls, stored: bytes, version: int) -> KeyState:
-        data = json.loads(stored)
+        data = decode_json(stored)
         value = data.get("v")
-        encoded = None if value is None else json.dumps(value, separators=(",", ":")).encode()
+        encoded = None if value is None else encode_json(value)
         return cls(encoded, tuple(data.get("a", ())), version)
 
 
