@@ -221,17 +221,17 @@ async def test_a_batch_is_published_under_one_wait_for_confirms_and_acked_by_one
     assert isinstance(broker, RabbitMQBroker)
     await broker.start([topic])
     journal: list[str] = []
-    exchange = broker._exchange
-    assert exchange is not None
-    exchange_publish = exchange.publish
+    assert broker._channel is not None
+    channel = await broker._channel.get_underlay_channel()  # where the adapter publishes
+    basic_publish = channel.basic_publish
 
-    async def journaled_publish(message: Any, *args: Any, **kwargs: Any) -> Any:
+    async def journaled_publish(body: bytes, *args: Any, **kwargs: Any) -> Any:
         journal.append("sent")
-        confirmed = await exchange_publish(message, *args, **kwargs)
+        confirmed = await basic_publish(body, *args, **kwargs)
         journal.append("confirmed")
         return confirmed
 
-    monkeypatch.setattr(exchange, "publish", journaled_publish)
+    monkeypatch.setattr(channel, "basic_publish", journaled_publish)
     await broker.publish([OutboundMessage(topic, b"m%d" % n) for n in range(50)])
     assert journal == ["sent"] * 50 + ["confirmed"] * 50
 

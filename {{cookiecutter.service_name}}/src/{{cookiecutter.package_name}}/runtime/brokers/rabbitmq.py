@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import aio_pika
+import aiormq
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -47,6 +48,8 @@ from .base import (
     Unpublishable,
 )
 from .tls import tls_context
+
+PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)  # written to disk by the broker
 
 log = get_logger(component="rabbitmq")
 KEY_HEADER = "x-event-key"
@@ -249,15 +252,15 @@ class RabbitMQBroker(Broker):
             raise BrokerUnavailable("rabbitmq: not connected")
         if refused := self.limits.refused(messages):
             raise Unpublishable(refused)  # nothing sent: a frame too large ends the connection
-        sends = [
-            dead_letters.publish(_amqp_message(message), routing_key="", mandatory=True)
+        routed = [
+            (dead_letters.name, "", message)
             if message.dead_letter
-            else exchange.publish(_amqp_message(message), routing_key=message.topic, mandatory=True)
+            else (exchange.name, message.topic, message)
             for message in messages
         ]
         with self._unavailable_on_outage("publish"):
             # Each returns when the broker confirmed it, or returned it (routed nowhere).
-            results = await asyncio.gather(*sends)
+            results = await self._publish_each(routed)
             returned = [
                 message
                 for message, result in zip(messages, results, strict=True)
@@ -271,21 +274,38 @@ class RabbitMQBroker(Broker):
         """Events no queue is bound for go to the unrouted queue (their routing key kept),
         confirmed before the loop acks what emitted them."""
         assert self._unrouted is not None
-        results = []
+        results: list[Any] = []
         if not any(message.dead_letter for message in returned):
-            results = await asyncio.gather(
-                *(
-                    self._unrouted.publish(
-                        _amqp_message(message), routing_key=message.topic, mandatory=True
-                    )
-                    for message in returned
-                )
+            unrouted = self._unrouted.name
+            results = await self._publish_each(
+                [(unrouted, message.topic, message) for message in returned]
             )
         if len(results) < len(returned) or any(isinstance(r, DeliveredMessage) for r in results):
             # A parking queue was deleted under us: declare it again, then publish again.
             assert self._channel is not None
             self._dead_letters, self._unrouted = await self._declare_parking(self._channel)
             raise BrokerUnavailable("rabbitmq: a parking queue was gone; declared it again")
+
+    async def _publish_each(self, routed: Sequence[tuple[str, str, OutboundMessage]]) -> list[Any]:
+        """Publish each (exchange, routing key, message) with publisher confirms and
+        `mandatory`; each result is the confirm, or the message the broker returned. Through
+        the channel's AMQP layer (aiormq) itself: aio-pika's Message and Exchange.publish
+        add about a sixth to the cost of each message, and nothing these need."""
+        if self._channel is None:
+            raise BrokerUnavailable("rabbitmq: not connected")
+        channel = await self._channel.get_underlay_channel()
+        return await asyncio.gather(
+            *(
+                channel.basic_publish(
+                    message.body,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    properties=_properties(message),
+                    mandatory=True,
+                )
+                for exchange, routing_key, message in routed
+            )
+        )
 
     async def ack(self, messages: Sequence[InboundMessage]) -> None:
         if not messages:
@@ -380,17 +400,14 @@ def inbound_messages(
     return batch
 
 
-def _amqp_message(message: OutboundMessage) -> aio_pika.Message:
+def _properties(message: OutboundMessage) -> aiormq.spec.Basic.Properties:
     headers: dict[str, Any] = dict(message.headers)
     # CloudEvents AMQP binding: the content type is the message's property, not a header.
     content_type = headers.pop(CONTENT_TYPE_HEADER, None)
     if message.key:
         headers[KEY_HEADER] = message.key
-    return aio_pika.Message(
-        message.body,
-        headers=headers,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        content_type=content_type,
+    return aiormq.spec.Basic.Properties(
+        headers=headers, delivery_mode=PERSISTENT, content_type=content_type
     )
 
 
