@@ -171,7 +171,7 @@ class Streams:
             if (state := self._held.get(stream)) is not None:
                 changing = state.changing
                 for key in states:  # unless a later batch changed it again
-                    if changing.get(key, last + 1) <= last:
+                    if (number := changing.get(key)) is not None and number <= last:
                         del changing[key]
 
     def forget(self, streams: Iterable[str] | None = None) -> None:

@@ -28,7 +28,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
-from aiormq.abc import DeliveredMessage
+from aiormq.abc import ConfirmationFrameType, DeliveredMessage
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -50,6 +50,9 @@ from .base import (
 from .tls import tls_context
 
 PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)  # written to disk by the broker
+# What publishing one message with confirms and `mandatory` comes to: the confirm, or the
+# message itself when the broker returned it (routed nowhere). None without confirms.
+PublishResult = ConfirmationFrameType | DeliveredMessage | None
 
 log = get_logger(component="rabbitmq")
 KEY_HEADER = "x-event-key"
@@ -274,7 +277,7 @@ class RabbitMQBroker(Broker):
         """Events no queue is bound for go to the unrouted queue (their routing key kept),
         confirmed before the loop acks what emitted them."""
         assert self._unrouted is not None
-        results: list[Any] = []
+        results: Sequence[PublishResult] = []
         if not any(message.dead_letter for message in returned):
             unrouted = self._unrouted.name
             results = await self._publish_each(
@@ -286,13 +289,17 @@ class RabbitMQBroker(Broker):
             self._dead_letters, self._unrouted = await self._declare_parking(self._channel)
             raise BrokerUnavailable("rabbitmq: a parking queue was gone; declared it again")
 
-    async def _publish_each(self, routed: Sequence[tuple[str, str, OutboundMessage]]) -> list[Any]:
+    async def _publish_each(
+        self, routed: Sequence[tuple[str, str, OutboundMessage]]
+    ) -> Sequence[PublishResult]:
         """Publish each (exchange, routing key, message) with publisher confirms and
         `mandatory`; each result is the confirm, or the message the broker returned. Through
         the channel's AMQP layer (aiormq) itself: aio-pika's Message and Exchange.publish
         add about a sixth to the cost of each message, and nothing these need."""
-        if self._channel is None:
-            raise BrokerUnavailable("rabbitmq: not connected")
+        if self._channel is None or self._channel.is_closed:
+            # Reconnecting: fail now (the loop retries and reports it), rather than wait in
+            # get_underlay_channel until the connection is back.
+            raise BrokerUnavailable("rabbitmq publish: the channel is closed (reconnecting)")
         channel = await self._channel.get_underlay_channel()
         return await asyncio.gather(
             *(

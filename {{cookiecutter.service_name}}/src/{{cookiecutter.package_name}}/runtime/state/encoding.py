@@ -1,16 +1,19 @@
 """JSON of per-key handler state (`ctx.state`), encoded and decoded once per handled event.
 
 orjson does it about ten times faster than the standard library, which matters at tens of
-thousands of events per second. The rules stay the standard library's strict ones: what
-orjson would write differently from `json.dumps(..., allow_nan=False)` (NaN and infinity
-it writes as null; integers beyond 64 bits, and dict keys that are not strings, it
-refuses) goes through the standard library instead, which then accepts or refuses it.
-(Beyond it, orjson writes UUIDs and enums, as their text and value.)
+thousands of events per second. What orjson would do differently from the standard
+library's strict `json.dumps(..., allow_nan=False)` / `json.loads` is settled the
+standard library's way: NaN and infinity (orjson writes null) are refused, integers
+beyond 64 bits (orjson refuses to write them and reads them as floats) and non-string
+dict keys (orjson refuses them) go through the standard library. Beyond it, orjson
+writes UUIDs and enums, as their text and value.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 from typing import Any
 
 import orjson
@@ -19,6 +22,8 @@ import orjson
 # is not written again).
 _strict = json.JSONEncoder(separators=(",", ":"), sort_keys=True, allow_nan=False).encode
 _OPTIONS = orjson.OPT_SORT_KEYS | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
+# 19 digits in a row: perhaps an integer beyond 64 bits, which orjson reads as a float.
+_LONG_NUMBER = re.compile(rb"\d{19}")
 
 
 def encode_json(value: Any) -> bytes:
@@ -28,13 +33,22 @@ def encode_json(value: Any) -> bytes:
         encoded = orjson.dumps(value, option=_OPTIONS)
     except orjson.JSONEncodeError:
         return _strict(value).encode()  # raises for what is no JSON; a big int passes
-    if b"null" in encoded:  # perhaps a NaN or infinity orjson wrote as null
-        return _strict(value).encode()
+    if b"null" in encoded and _has_non_finite(value):  # orjson wrote NaN as null
+        raise ValueError("Out of range float values are not JSON compliant (NaN, infinity)")
     return encoded
 
 
 def decode_json(encoded: bytes) -> Any:
-    try:
-        return orjson.loads(encoded)
-    except orjson.JSONDecodeError:
-        return json.loads(encoded)  # integers beyond 64 bits (the standard library wrote)
+    if _LONG_NUMBER.search(encoded):
+        return json.loads(encoded)  # integers beyond 64 bits stay integers
+    return orjson.loads(encoded)
+
+
+def _has_non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_has_non_finite(item) for item in value.values())
+    if isinstance(value, list | tuple):
+        return any(_has_non_finite(item) for item in value)
+    return False
