@@ -53,6 +53,13 @@ def timestamp(seconds: int, nanos: int = 0) -> Callable[[object], None]:
     return set_value
 
 
+def text(value: str) -> Callable[[object], None]:
+    def set_value(attribute: object) -> None:
+        attribute.ce_string = value  # type: ignore[attr-defined]
+
+    return set_value
+
+
 UNREADABLE_TIMES = {
     "year 10000": timestamp(LAST_SECOND + 1),
     "year 0": timestamp(FIRST_SECOND - 1),
@@ -91,14 +98,13 @@ async def run_with_poison(
 
 
 @pytest.mark.parametrize("stamp", UNREADABLE_TIMES.values(), ids=UNREADABLE_TIMES.keys())
-@pytest.mark.parametrize("attribute", ["time", "expiresat"])
-async def test_an_unreadable_timestamp_is_dead_lettered_when_its_handler_emits(
-    attribute: str, stamp: Callable[[object], None]
+async def test_an_unreadable_correlation_id_is_dead_lettered_when_its_handler_emits(
+    stamp: Callable[[object], None],
 ) -> None:
-    """The time attribute or a timestamp extension, first read to build an emitted event
-    (correlation), crashed the whole process; on restart it came back first."""
+    """A timestamp extension first read to build an emitted event (the correlation id)
+    crashed the whole process; on restart it came back first."""
     event = cloud_event("poison")
-    stamp(event.attributes[attribute])
+    stamp(event.attributes["correlationid"])
     poison = event.SerializeToString()
 
     service, handled = await run_with_poison(poison)
@@ -106,8 +112,25 @@ async def test_an_unreadable_timestamp_is_dead_lettered_when_its_handler_emits(
     assert handled == ["before", "poison", "after"]
     [parked] = service.dead_letters
     assert (parked.reason, parked.body) == ("invalid-envelope", poison)
-    assert attribute in parked.error
+    assert "correlationid" in parked.error
     assert len(service.emitted(Int64Value)) == 2  # nothing emitted for the dead-lettered one
+
+
+@pytest.mark.parametrize("attribute", ["time", "expiresat"])
+async def test_an_unreadable_attribute_nobody_reads_does_not_stop_an_emitting_event(
+    attribute: str,
+) -> None:
+    """The loop reads only the correlation id of an event that emits; the events it emits
+    carry it on as their correlation id (its own id when it has none)."""
+    event = cloud_event("poison", correlationid=text("chain-1"))
+    UNREADABLE_TIMES["year 10000"](event.attributes[attribute])
+
+    service, handled = await run_with_poison(event.SerializeToString())
+
+    assert handled == ["before", "poison", "after"]
+    assert service.dead_letters == []
+    correlations = [e.extensions["correlationid"] for e in service.emitted(Int64Value)]
+    assert correlations == ["id-before", "chain-1", "id-after"]
 
 
 @pytest.mark.parametrize("stamp", UNREADABLE_TIMES.values(), ids=UNREADABLE_TIMES.keys())

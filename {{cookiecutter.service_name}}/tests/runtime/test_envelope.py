@@ -41,6 +41,21 @@ def test_round_trip_keeps_every_attribute() -> None:
         assert CODEC.decode(CODEC.encode(sent)) == sent
 
 
+def test_one_extension_reads_as_the_extensions_do() -> None:
+    sent = Envelope(
+        "e-1",
+        "google.protobuf.StringValue",
+        "urn:x",
+        StringValue(),
+        subject="order-7",
+        extensions={"correlationid": "c-1"},
+    )
+    for envelope in (sent, CODEC.decode(CODEC.encode(sent))):
+        assert envelope.extension("correlationid") == "c-1"
+        assert envelope.extension("causationid") is None
+        assert envelope.extension("subject") is None  # an attribute, not an extension
+
+
 def test_wire_format_is_the_cloudevents_protobuf_message() -> None:
     data = CODEC.encode(Envelope("e-1", "google.protobuf.StringValue", "urn:x", StringValue()))
     event = cloudevents_pb2.CloudEvent.FromString(data)

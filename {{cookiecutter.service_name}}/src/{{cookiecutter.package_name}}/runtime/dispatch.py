@@ -14,7 +14,7 @@ from opentelemetry import trace
 from .brokers.base import DeadLetterRecord, InboundMessage
 from .clock import Clock
 from .config import Settings
-from .envelope import Envelope
+from .envelope import CORRELATION_ID, Envelope
 from .errors import DeadLetter
 from .intake import WorkByKey
 from .keystate import KeySlot, SlotsByKey
@@ -110,8 +110,8 @@ class Dispatcher:
                 return DeadLetterRecord(message, "handler-failed", detail)
         emitted = context.emitted
         try:
-            if emitted:  # what emitted events carry on (correlation) is first read here
-                item.envelope.extensions  # noqa: B018
+            if emitted:  # read here, where an unreadable one is a dead letter
+                item.correlation_id = _correlation_id(item.envelope)
             if slot is not None and state is not None:
                 slot.finish(item.event_id, state)
         except DeadLetter as error:  # InvalidEnvelope, or an unusable ctx.state
@@ -182,6 +182,13 @@ class Dispatcher:
                 span_id=format(span_context.span_id, "016x"),
             )
         return log
+
+
+def _correlation_id(envelope: Envelope) -> str:
+    """The id of the chain `envelope` belongs to: its correlation id, or its own id if it
+    starts one."""
+    correlation_id = envelope.extension(CORRELATION_ID)
+    return envelope.id if correlation_id is None else correlation_id
 
 
 def _is_transient(error: Exception) -> bool:

@@ -5,10 +5,18 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from .brokers.base import Broker, InboundMessage, OutboundMessage, event_message
+from .brokers.base import Broker, OutboundMessage, event_message
 from .config import Settings
-from .envelope import Envelope, EnvelopeCodec, derive_event_id, event_type_of, now
-from .reaction import Reaction
+from .envelope import (
+    CAUSATION_ID,
+    CORRELATION_ID,
+    Envelope,
+    EnvelopeCodec,
+    derive_event_id,
+    event_type_of,
+    now,
+)
+from .reaction import Reaction, Work
 from .router import Emitted
 
 
@@ -22,28 +30,22 @@ class Emitter:
         """The reaction's emitted events, then its dead letters, as messages."""
         outbound, emitted_at = reaction.outbound, now()  # one time for the whole batch
         for item, emitted in reaction.emits:
-            outbound.extend(
-                self._event(item.envelope, event, item.message, emitted_at) for event in emitted
-            )
+            outbound.extend(self._event(item, event, emitted_at) for event in emitted)
         reaction.emits = []
         group = self.settings.consumer_group
         outbound.extend(self.broker.dead_letter(record, group) for record in reaction.dead)
 
-    def _event(
-        self, parent: Envelope, emitted: Emitted, origin: InboundMessage, emitted_at: datetime
-    ) -> OutboundMessage:
+    def _event(self, parent: Work, emitted: Emitted, emitted_at: datetime) -> OutboundMessage:
         event_type = event_type_of(emitted.message)
+        parent_id = parent.envelope.id
         envelope = Envelope(
-            id=derive_event_id(parent.id, emitted.position),
+            id=derive_event_id(parent_id, emitted.position),
             type=event_type,
             source=self.settings.event_source,
             payload=emitted.message,
             subject=emitted.key,
             time=emitted_at,
-            extensions={
-                "causationid": parent.id,
-                "correlationid": parent.extensions.get("correlationid", parent.id),
-            },
+            extensions={CAUSATION_ID: parent_id, CORRELATION_ID: parent.correlation_id},
         )
         topic = self.settings.topic_for(event_type)
-        return event_message(self.codec, envelope, topic, emitted.headers, origin)
+        return event_message(self.codec, envelope, topic, emitted.headers, parent.message)

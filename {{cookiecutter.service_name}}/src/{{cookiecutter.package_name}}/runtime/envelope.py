@@ -26,6 +26,10 @@ TYPE_URL_PREFIX = "type.googleapis.com/"
 EMIT_ID_NAMESPACE = uuid.UUID("6f1c6a3e-3f55-4b8e-9a51-0c1b7d2b9e10")
 _EMIT_ID_HASH = hashlib.sha1(EMIT_ID_NAMESPACE.bytes, usedforsecurity=False)
 
+# Extensions every emitted event carries: the event it answers, and its chain's first.
+CAUSATION_ID = "causationid"
+CORRELATION_ID = "correlationid"
+
 _CloudEvent = cloudevents_pb2.CloudEvent
 _KNOWN_ATTRIBUTES = ("subject", "time", "datacontenttype", "dataschema")
 _Attribute = cloudevents_pb2.CloudEvent.CloudEventAttributeValue
@@ -158,6 +162,18 @@ class Envelope:
         if self._wire is not None:
             self._read_wire()
         return self._extensions
+
+    def extension(self, name: str) -> str | None:
+        """One extension attribute's text, None if the event has none of that name. Of a
+        decoded event it reads that attribute alone (the loop reads the correlation id of
+        every event that emits; reading all of them costs several times more), so only
+        that attribute can raise InvalidEnvelope here."""
+        if self._wire is None:
+            return self._extensions.get(name)
+        if name in _KNOWN_ATTRIBUTES:
+            return None
+        value = _CloudEvent.FromString(self._wire).attributes.get(name)
+        return None if value is None else _attribute_text(name, value)
 
     @property
     def dataschema(self) -> str:
