@@ -51,10 +51,10 @@ from .base import (
     OutboundMessage,
     PublishLimits,
     Unpublishable,
-    binary_headers,
     fill_batch,
     text_headers,
 )
+from .kafka_batches import Partitioner, record_batches
 from .tls import tls_context
 
 log = get_logger(component="kafka")
@@ -184,6 +184,7 @@ class KafkaBroker(Broker):
         self.limits = PublishLimits(body=settings.max_message_bytes)
         self._ready_topics: set[str] = set()  # known to exist (or created)
         self._on_revoked: OnRevoked | None = None
+        self._partitioner = Partitioner()
 
     def _client_options(self) -> dict[str, Any]:
         kafka = self.kafka
@@ -218,6 +219,7 @@ class KafkaBroker(Broker):
                 enable_idempotence=False,
                 linger_ms=2,
                 max_batch_size=min(PRODUCER_BATCH_BYTES, self.settings.max_message_bytes),
+                partitioner=self._partitioner.choose,
                 # MAX_MESSAGE_BYTES of body, plus the key, headers and framing `limits` allow.
                 max_request_size=self.settings.max_message_bytes
                 + MAX_KEY_BYTES
@@ -335,30 +337,21 @@ class KafkaBroker(Broker):
             raise BrokerUnavailable(
                 f"kafka: topic {missing[0]} does not exist and KAFKA_CREATE_TOPICS is off"
             )
-        sent = []
         try:
-            for index, message in enumerate(messages):
-                try:
-                    sending = await producer.send(
-                        message.topic,
-                        message.body,
-                        key=message.key.encode() if message.key else None,
-                        partition=message.partition,
-                        headers=binary_headers(message.headers),
-                    )
-                except REFUSED as error:  # the client's own size check
-                    refused[index] = _refusal(error)
-                else:
-                    sent.append((index, sending))
-            outcomes = await asyncio.gather(*(s for _, s in sent), return_exceptions=True)
+            batches = await record_batches(producer, messages, self._partitioner)
+            sending = [
+                await producer.send_batch(batch.builder, batch.topic, partition=batch.partition)
+                for batch in batches
+            ]
+            outcomes = await asyncio.gather(*sending, return_exceptions=True)
         except KafkaError as error:
             raise BrokerUnavailable(f"kafka publish failed: {error!r}") from error
-        for (index, _), outcome in zip(sent, outcomes, strict=True):
+        for batch, outcome in zip(batches, outcomes, strict=True):
             # A broker's (or topic's) size limit. A batch holds at most MAX_MESSAGE_BYTES, and
             # a record larger than a batch travels alone: with MAX_MESSAGE_BYTES no more
             # than the broker takes (as configured), the refusal is about that record only.
             if isinstance(outcome, REFUSED):
-                refused[index] = _refusal(outcome)
+                refused.update(dict.fromkeys(batch.indexes, _refusal(outcome)))
             elif isinstance(outcome, KafkaError):
                 raise BrokerUnavailable(f"kafka publish failed: {outcome!r}") from outcome
             elif isinstance(outcome, BaseException):
