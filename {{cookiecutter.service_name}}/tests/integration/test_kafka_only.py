@@ -33,6 +33,28 @@ async def test_keyed_messages_land_on_the_murmur2_partition(real_backend: Backen
     await consumer.ack(received)
 
 
+async def test_records_beyond_one_batch_keep_their_order_per_key(real_backend: Backend) -> None:
+    """A publish larger than the producer's batches goes out in several batches per
+    partition; each key's records arrive in the order published, keyless ones too."""
+    backend = real_backend
+    settings = backend.settings()
+    topic = settings.topic_for("batched")
+    consumer = backend.broker(settings)
+    await consumer.start([topic])
+    keys = ["a", "b", ""]  # "": no key (a partition at random)
+    sent = [
+        OutboundMessage(topic, f"{n:05d}".encode() * 200, keys[n % 3])  # 1 kB each
+        for n in range(1_500)  # 500 kB per key: two batches or more each
+    ]
+    await publish(backend, settings, sent)
+    received = await fetch_at_least(consumer, len(sent))
+    assert sorted(message.body for message in received) == sorted(m.body for m in sent)
+    for key in ("a", "b"):
+        arrived = [m.body for m in received if m.key == key]
+        assert arrived == [m.body for m in sent if m.key == key]
+    await consumer.ack(received)
+
+
 async def topics_under(url: str, prefix: str) -> list[str]:
     async with admin_client(url) as admin:
         return sorted(topic for topic in await admin.list_topics() if topic.startswith(prefix))
