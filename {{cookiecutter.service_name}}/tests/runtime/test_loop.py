@@ -23,6 +23,7 @@ from {{ cookiecutter.package_name }}.runtime.loop import MAX_GROUP_MESSAGES
 from {{ cookiecutter.package_name }}.runtime.reaction import Reaction
 from {{ cookiecutter.package_name }}.runtime.state.base import Checkpoint, Fence, Fenced
 from {{ cookiecutter.package_name }}.runtime.state.memory import MemoryStateStore
+from {{ cookiecutter.package_name }}.runtime.streams import Streams
 from {{ cookiecutter.package_name }}.runtime.testing import ServiceHarness
 
 from .conftest import (
@@ -664,3 +665,50 @@ async def test_a_redelivery_to_another_replica_is_recognised() -> None:
     assert handled == ["warm-up", "E"]  # not handled a second time
     assert stats.duplicates == 1
     assert stats.shared_lookups >= 1
+
+
+class TakeOverGate(MemoryStateStore):
+    """Takes a stream over only once `parties` take-overs are under way at once; taking
+    over `failing` raises."""
+
+    def __init__(self, parties: int, failing: str = "") -> None:
+        super().__init__(1000, 3600, time.time)
+        self.parties, self.failing = parties, failing
+        self.arrived = 0
+        self.all_arrived = asyncio.Event()
+
+    async def take_over(self, stream: str) -> Fence:
+        if stream == self.failing:
+            raise ValueError(f"cannot take {stream} over")
+        self.arrived += 1
+        if self.arrived == self.parties:
+            self.all_arrived.set()
+        await self.all_arrived.wait()
+        return await super().take_over(stream)
+
+
+def streams_of(store: MemoryStateStore) -> Streams:
+    bus = MemoryBus()
+    settings = fast_settings()
+    broker = MemoryBroker(bus, settings.consumer_group, exclusive=True)
+    return make_loop(Router(), bus, store, settings, broker).streams
+
+
+async def test_streams_first_seen_together_are_restored_at_once() -> None:
+    """A rebalance that assigns many partitions waits for one store round trip, not one
+    per partition."""
+    store = TakeOverGate(parties=3)
+    streams = streams_of(store)
+    async with asyncio.timeout(5):
+        await streams.restore({"orders:0", "orders:1", "orders:2"})
+    assert all(streams.get(f"orders:{n}") is not None for n in range(3))
+
+
+async def test_a_failed_restore_raises_as_it_was_and_stops_the_others() -> None:
+    store = TakeOverGate(parties=3, failing="orders:1")  # the other two wait for a third
+    streams = streams_of(store)
+    with pytest.raises(ValueError, match="orders:1"):
+        async with asyncio.timeout(5):
+            await streams.restore({"orders:0", "orders:1", "orders:2"})
+    assert streams.get("orders:0") is None and streams.get("orders:2") is None
+    assert store.arrived == 2

@@ -6,6 +6,7 @@ replicas, which learn each other's records from the store on redeliveries)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -113,26 +114,39 @@ class Streams:
         return self._held.get(stream)
 
     async def restore(self, streams: set[str]) -> None:
-        """First sight of a stream: fence earlier owners, load its dedupe records."""
+        """First sight of streams: all at once (a rebalance may assign many), each one's
+        earlier owners fenced and its dedupe records loaded."""
+        new = sorted(streams - self._held.keys())
+        if not new:
+            return
+        restoring = [asyncio.ensure_future(self._restore(stream)) for stream in new]
+        try:
+            await asyncio.gather(*restoring)
+        except BaseException:  # as it was raised; the others do not go on behind it
+            for task in restoring:
+                task.cancel()
+            await asyncio.gather(*restoring, return_exceptions=True)
+            raise
+
+    async def _restore(self, stream: str) -> None:
         until_done, store = self.outages.until_done, self.store
-        for stream in sorted(streams - self._held.keys()):
-            started = self.clock.monotonic()
-            fence = None
-            if self.exclusive:
-                fence = await until_done("take over", partial(store.take_over, stream))
-            loaded = await until_done("restore", partial(store.load, stream))
-            window = DedupeWindow(self.settings.dedupe_max_ids, self.settings.dedupe_ttl_s)
-            window.add(loaded.records, self.clock.wall())
-            self._held[stream] = StreamState(
-                window, self.exclusive, fence, loaded.cursor, loaded.progress or 0
-            )
-            self.log.info(
-                "restored",
-                stream=stream,
-                ids=len(window),
-                progress=loaded.progress,
-                seconds=round(self.clock.monotonic() - started, 4),
-            )
+        started = self.clock.monotonic()
+        fence = None
+        if self.exclusive:
+            fence = await until_done("take over", partial(store.take_over, stream))
+        loaded = await until_done("restore", partial(store.load, stream))
+        window = DedupeWindow(self.settings.dedupe_max_ids, self.settings.dedupe_ttl_s)
+        window.add(loaded.records, self.clock.wall())
+        self._held[stream] = StreamState(
+            window, self.exclusive, fence, loaded.cursor, loaded.progress or 0
+        )
+        self.log.info(
+            "restored",
+            stream=stream,
+            ids=len(window),
+            progress=loaded.progress,
+            seconds=round(self.clock.monotonic() - started, 4),
+        )
 
     async def refresh(self, streams: set[str]) -> None:
         """Redeliveries on a shared stream: learn what other replicas recorded since."""
