@@ -337,16 +337,21 @@ class KafkaBroker(Broker):
             raise BrokerUnavailable(
                 f"kafka: topic {missing[0]} does not exist and KAFKA_CREATE_TOPICS is off"
             )
+        sent = []
         try:
-            batches = await record_batches(producer, messages, self._partitioner)
-            sending = [
-                await producer.send_batch(batch.builder, batch.topic, partition=batch.partition)
-                for batch in batches
-            ]
-            outcomes = await asyncio.gather(*sending, return_exceptions=True)
+            for batch in await record_batches(producer, messages, self._partitioner):
+                try:
+                    sending = await producer.send_batch(
+                        batch.builder, batch.topic, partition=batch.partition
+                    )
+                except REFUSED as error:  # the client's own checks
+                    refused.update(dict.fromkeys(batch.indexes, _refusal(error)))
+                else:
+                    sent.append((batch, sending))
+            outcomes = await asyncio.gather(*(s for _, s in sent), return_exceptions=True)
         except KafkaError as error:
             raise BrokerUnavailable(f"kafka publish failed: {error!r}") from error
-        for batch, outcome in zip(batches, outcomes, strict=True):
+        for (batch, _), outcome in zip(sent, outcomes, strict=True):
             # A broker's (or topic's) size limit. A batch holds at most MAX_MESSAGE_BYTES, and
             # a record larger than a batch travels alone: with MAX_MESSAGE_BYTES no more
             # than the broker takes (as configured), the refusal is about that record only.
