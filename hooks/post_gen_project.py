@@ -14,6 +14,7 @@ BROKER_FILES: dict[str, list[str]] = {
     "kafka": [
         "compose/kafka.yml",
         "src/{package}/runtime/brokers/kafka.py",
+        "src/{package}/runtime/brokers/kafka_batches.py",
         "src/{package}/runtime/brokers/kafka_reading.py",
         "tests/runtime/test_kafka.py",
         "tests/integration/kafka_support.py",

@@ -9,12 +9,18 @@ from typing import Any
 import pytest
 from aiokafka import TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.producer.message_accumulator import BatchBuilder
 
+from {{ cookiecutter.package_name }}.runtime.brokers.base import OutboundMessage
 from {{ cookiecutter.package_name }}.runtime.brokers.kafka import (
     KafkaBroker,
     KafkaSettings,
     _Offsets,
     bootstrap_servers,
+)
+from {{ cookiecutter.package_name }}.runtime.brokers.kafka_batches import (
+    Partitioner,
+    record_batches,
 )
 from {{ cookiecutter.package_name }}.runtime.config import Settings, load_model
 from {{ cookiecutter.package_name }}.runtime.errors import ConfigError
@@ -152,3 +158,62 @@ def test_sasl_without_credentials_is_refused_in_one_line(monkeypatch: pytest.Mon
     monkeypatch.setenv(f"{ENV_PREFIX}KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
     with pytest.raises(ConfigError, match="SASL needs KAFKA_SASL_USERNAME"):
         load_model(KafkaSettings)
+
+
+class BatchingProducer:
+    """What `record_batches` asks of a producer: partitions (all led here) and batches."""
+
+    def __init__(self, partitions: int, batch_bytes: int) -> None:
+        self.partitions, self.batch_bytes = set(range(partitions)), batch_bytes
+        self.client = SimpleNamespace(
+            cluster=SimpleNamespace(available_partitions_for_topic=lambda _: self.partitions)
+        )
+
+    async def partitions_for(self, topic: str) -> set[int]:
+        return self.partitions
+
+    def create_batch(self) -> BatchBuilder:
+        return BatchBuilder(self.batch_bytes, 0)
+
+
+async def test_records_go_in_batches_per_partition_each_partitions_in_order() -> None:
+    producer = BatchingProducer(partitions=3, batch_bytes=1_000)
+    keys = ["a", "b", "c", "d"]
+    messages = [OutboundMessage("t", bytes(300), keys[n % 4]) for n in range(40)]
+    messages.append(OutboundMessage("t", bytes(5_000), "a"))  # larger than a batch: alone
+    messages.append(OutboundMessage("t", b"x", "a", partition=2))  # placed, not partitioned
+
+    batches = await record_batches(producer, messages, Partitioner())
+
+    led = [0, 1, 2]
+    where = {key: DefaultPartitioner()(key.encode(), led, led) for key in keys}
+    for index, message in enumerate(messages[:-1]):
+        [batch] = [batch for batch in batches if index in batch.indexes]
+        assert batch.partition == where[message.key]
+    [placed] = [batch for batch in batches if len(messages) - 1 in batch.indexes]
+    assert placed.partition == 2
+    for partition in led:
+        mine = [batch for batch in batches if batch.partition == partition]
+        assert [batch.number for batch in mine] == list(range(len(mine)))
+        held = [index for batch in mine for index in batch.indexes]
+        assert held == sorted(held)  # in the order given
+        assert all(batch.builder.record_count() == len(batch.indexes) for batch in mine)
+    assert any(batch.number > 0 for batch in batches)  # some partition needed several
+    numbers = [batch.number for batch in batches]
+    assert numbers == sorted(numbers)  # every first batch before any second
+    [alone] = [batch for batch in batches if len(messages) - 2 in batch.indexes]
+    assert alone.indexes == [len(messages) - 2]
+    assert sum(len(batch.indexes) for batch in batches) == len(messages)
+
+
+def test_the_partitioner_remembers_keys_until_the_partitions_change() -> None:
+    partitioner = Partitioner()
+    three, five = [0, 1, 2], [0, 1, 2, 3, 4]
+    of_three = partitioner.of_topic("t", three, three)
+    keys = [f"order-{n}".encode() for n in range(50)]
+    assert [of_three(key) for key in keys] == [
+        DefaultPartitioner()(key, three, three) for key in keys
+    ]
+    of_five = partitioner.of_topic("t", five, five)  # the topic grew: chosen afresh
+    assert [of_five(key) for key in keys] == [DefaultPartitioner()(key, five, five) for key in keys]
+    assert {partitioner.of_topic("t", five, [4])(None) for _ in range(20)} == {4}  # led only

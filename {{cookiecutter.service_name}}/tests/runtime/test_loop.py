@@ -23,7 +23,7 @@ from {{ cookiecutter.package_name }}.runtime.loop import MAX_GROUP_MESSAGES
 from {{ cookiecutter.package_name }}.runtime.reaction import Reaction
 from {{ cookiecutter.package_name }}.runtime.state.base import Checkpoint, Fence, Fenced
 from {{ cookiecutter.package_name }}.runtime.state.memory import MemoryStateStore
-from {{ cookiecutter.package_name }}.runtime.streams import Streams
+from {{ cookiecutter.package_name }}.runtime.streams import RESTORES_AT_ONCE, Streams
 from {{ cookiecutter.package_name }}.runtime.testing import ServiceHarness
 
 from .conftest import (
@@ -674,16 +674,25 @@ class TakeOverGate(MemoryStateStore):
     def __init__(self, parties: int, failing: str = "") -> None:
         super().__init__(1000, 3600, time.time)
         self.parties, self.failing = parties, failing
-        self.arrived = 0
+        self.arrived = self.cancelled = self.inside = self.most_at_once = 0
         self.all_arrived = asyncio.Event()
 
     async def take_over(self, stream: str) -> Fence:
         if stream == self.failing:
             raise ValueError(f"cannot take {stream} over")
         self.arrived += 1
+        self.inside += 1
+        self.most_at_once = max(self.most_at_once, self.inside)
         if self.arrived == self.parties:
             self.all_arrived.set()
-        await self.all_arrived.wait()
+        try:
+            await self.all_arrived.wait()
+            await asyncio.sleep(0)  # the later ones may come in meanwhile
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        finally:
+            self.inside -= 1
         return await super().take_over(stream)
 
 
@@ -711,4 +720,13 @@ async def test_a_failed_restore_raises_as_it_was_and_stops_the_others() -> None:
         async with asyncio.timeout(5):
             await streams.restore({"orders:0", "orders:1", "orders:2"})
     assert streams.get("orders:0") is None and streams.get("orders:2") is None
-    assert store.arrived == 2
+    assert (store.arrived, store.cancelled) == (2, 2)
+
+
+async def test_a_rebalance_of_many_partitions_restores_a_bounded_number_at_once() -> None:
+    store = TakeOverGate(parties=RESTORES_AT_ONCE)
+    streams = streams_of(store)
+    async with asyncio.timeout(5):
+        await streams.restore({f"orders:{n}" for n in range(3 * RESTORES_AT_ONCE)})
+    assert store.most_at_once == RESTORES_AT_ONCE
+    assert all(streams.get(f"orders:{n}") is not None for n in range(3 * RESTORES_AT_ONCE))

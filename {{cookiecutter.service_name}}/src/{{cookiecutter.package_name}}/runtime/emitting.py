@@ -37,7 +37,8 @@ class Emitter:
 
     def _event(self, parent: Work, emitted: Emitted, emitted_at: datetime) -> OutboundMessage:
         event_type = event_type_of(emitted.message)
-        parent_id = parent.envelope.id
+        parent_id, correlation_id = parent.envelope.id, parent.correlation_id
+        assert correlation_id is not None, "dispatch reads it for every event that emits"
         envelope = Envelope(
             id=derive_event_id(parent_id, emitted.position),
             type=event_type,
@@ -45,7 +46,7 @@ class Emitter:
             payload=emitted.message,
             subject=emitted.key,
             time=emitted_at,
-            extensions={CAUSATION_ID: parent_id, CORRELATION_ID: parent.correlation_id},
+            extensions={CAUSATION_ID: parent_id, CORRELATION_ID: correlation_id},
         )
         topic = self.settings.topic_for(event_type)
         return event_message(self.codec, envelope, topic, emitted.headers, parent.message)

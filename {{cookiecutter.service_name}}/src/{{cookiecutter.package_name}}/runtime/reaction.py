@@ -25,7 +25,7 @@ class Work:
     envelope: Envelope
     spec: HandlerSpec
     event_id: str  # what dedupe and key state know it by (its id, unless redriven)
-    correlation_id: str = ""  # what the events it emits carry on (read once it emits)
+    correlation_id: str | None = None  # what the events it emits carry on (read if it emits)
 
 
 # What handling one event came to: the events it emitted, or a dead letter.

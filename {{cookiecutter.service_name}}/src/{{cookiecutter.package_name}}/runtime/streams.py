@@ -24,6 +24,9 @@ from .state.base import Fence, KeyState, StateStore
 from .stats import LoopStats
 
 STATE_CACHE_KEYS = 10_000  # per exclusive stream; older keys are read again when needed
+# Streams restored at once (each loads its whole dedupe window): a rebalance that assigns
+# hundreds of partitions does not send the store hundreds of reads together.
+RESTORES_AT_ONCE = 16
 
 
 @dataclass(slots=True)
@@ -114,12 +117,13 @@ class Streams:
         return self._held.get(stream)
 
     async def restore(self, streams: set[str]) -> None:
-        """First sight of streams: all at once (a rebalance may assign many), each one's
-        earlier owners fenced and its dedupe records loaded."""
+        """First sight of streams: RESTORES_AT_ONCE at a time (a rebalance may assign
+        many), each one's earlier owners fenced and its dedupe records loaded."""
         new = sorted(streams - self._held.keys())
         if not new:
             return
-        restoring = [asyncio.ensure_future(self._restore(stream)) for stream in new]
+        at_once = asyncio.Semaphore(RESTORES_AT_ONCE)
+        restoring = [asyncio.ensure_future(self._restore(stream, at_once)) for stream in new]
         try:
             await asyncio.gather(*restoring)
         except BaseException:  # as it was raised; the others do not go on behind it
@@ -128,13 +132,14 @@ class Streams:
             await asyncio.gather(*restoring, return_exceptions=True)
             raise
 
-    async def _restore(self, stream: str) -> None:
+    async def _restore(self, stream: str, at_once: asyncio.Semaphore) -> None:
         until_done, store = self.outages.until_done, self.store
-        started = self.clock.monotonic()
-        fence = None
-        if self.exclusive:
-            fence = await until_done("take over", partial(store.take_over, stream))
-        loaded = await until_done("restore", partial(store.load, stream))
+        async with at_once:
+            started = self.clock.monotonic()
+            fence = None
+            if self.exclusive:
+                fence = await until_done("take over", partial(store.take_over, stream))
+            loaded = await until_done("restore", partial(store.load, stream))
         window = DedupeWindow(self.settings.dedupe_max_ids, self.settings.dedupe_ttl_s)
         window.add(loaded.records, self.clock.wall())
         self._held[stream] = StreamState(

@@ -54,7 +54,7 @@ from .base import (
     fill_batch,
     text_headers,
 )
-from .kafka_batches import Partitioner, record_batches
+from .kafka_batches import Partitioner, RecordBatch, record_batches
 from .tls import tls_context
 
 log = get_logger(component="kafka")
@@ -219,7 +219,6 @@ class KafkaBroker(Broker):
                 enable_idempotence=False,
                 linger_ms=2,
                 max_batch_size=min(PRODUCER_BATCH_BYTES, self.settings.max_message_bytes),
-                partitioner=self._partitioner.choose,
                 # MAX_MESSAGE_BYTES of body, plus the key, headers and framing `limits` allow.
                 max_request_size=self.settings.max_message_bytes
                 + MAX_KEY_BYTES
@@ -337,19 +336,18 @@ class KafkaBroker(Broker):
             raise BrokerUnavailable(
                 f"kafka: topic {missing[0]} does not exist and KAFKA_CREATE_TOPICS is off"
             )
-        sent = []
+        # `limits` bounds every record, so the client refuses none; its batches go whole.
+        sent: list[tuple[RecordBatch, asyncio.Future[Any]]] = []
         try:
             for batch in await record_batches(producer, messages, self._partitioner):
-                try:
-                    sending = await producer.send_batch(
-                        batch.builder, batch.topic, partition=batch.partition
-                    )
-                except REFUSED as error:  # the client's own checks
-                    refused.update(dict.fromkeys(batch.indexes, _refusal(error)))
-                else:
-                    sent.append((batch, sending))
+                sending = await producer.send_batch(
+                    batch.builder, batch.topic, partition=batch.partition
+                )
+                sent.append((batch, sending))
             outcomes = await asyncio.gather(*(s for _, s in sent), return_exceptions=True)
         except KafkaError as error:
+            for _, sending in sent:  # whatever comes of those already sent: retried whole
+                sending.add_done_callback(_consume_outcome)
             raise BrokerUnavailable(f"kafka publish failed: {error!r}") from error
         for (batch, _), outcome in zip(sent, outcomes, strict=True):
             # A broker's (or topic's) size limit. A batch holds at most MAX_MESSAGE_BYTES, and
@@ -472,6 +470,12 @@ async def _unavailable_on_error(step: Any) -> Any:
         return await step
     except KafkaError as error:
         raise BrokerUnavailable(f"kafka: {error!r}") from error
+
+
+def _consume_outcome(future: asyncio.Future[Any]) -> None:
+    """Takes a future's outcome, so that an exception nobody waits for is not reported."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _refusal(error: KafkaError) -> str:

@@ -5,40 +5,48 @@ record a C-level append."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.producer.message_accumulator import BatchBuilder
 
 from .base import OutboundMessage, binary_headers
 
 # Keys whose partition is remembered per topic; beyond that the memo starts afresh.
 REMEMBERED_KEYS = 100_000
 
+PartitionOf = Callable[[bytes | None], int]
+
 
 class Partitioner:
-    """The partition of each key, as aiokafka's default partitioner chooses it (the Java
-    client's murmur2, so a key lands where any producer puts it), remembered per topic
-    and partition count: murmur2 is pure Python, a few µs per key."""
+    """Chooses partitions as aiokafka's `send` does: its default partitioner (the Java
+    client's murmur2 of the key, so a key lands where any producer puts it; a partition
+    with a leader at random for no key). A key's partition is remembered per topic and
+    partition list: murmur2 is pure Python, a few µs per key."""
 
     def __init__(self) -> None:
-        self.choose = DefaultPartitioner()  # the producer's own, too
+        self._choose = DefaultPartitioner()
         self._known: dict[str, tuple[list[int], dict[bytes, int]]] = {}
 
-    def __call__(self, topic: str, key: bytes | None, partitions: list[int]) -> int:
-        if key is None:
-            return int(self.choose(None, partitions, partitions))  # one at random
+    def of_topic(self, topic: str, partitions: list[int], available: list[int]) -> PartitionOf:
+        """`partitions`: all of the topic's, sorted; `available`: those with a leader."""
         known = self._known.get(topic)
         if known is None or known[0] != partitions or len(known[1]) >= REMEMBERED_KEYS:
             known = self._known[topic] = (partitions, {})
-        by_key = known[1]
-        partition = by_key.get(key)
-        if partition is None:
-            partition = by_key[key] = int(self.choose(key, partitions, partitions))
-        return partition
+        by_key, choose = known[1], self._choose
+
+        def partition_of(key: bytes | None) -> int:
+            if key is None:
+                return int(choose(None, partitions, available))
+            partition = by_key.get(key)
+            if partition is None:
+                partition = by_key[key] = int(choose(key, partitions, available))
+            return partition
+
+        return partition_of
 
 
 @dataclass(slots=True)
@@ -47,7 +55,7 @@ class RecordBatch:
 
     topic: str
     partition: int
-    builder: Any  # aiokafka's BatchBuilder
+    builder: BatchBuilder
     number: int  # batches of its partition before it
     indexes: list[int] = field(default_factory=list)
 
@@ -67,9 +75,11 @@ async def record_batches(
     """`messages` in batches of at most the producer's batch size, each partition's in the
     order given; every partition's first batch comes before any partition's second (the
     producer holds one batch per partition until it is sent)."""
-    partitions: dict[str, list[int]] = {}
+    partition_of: dict[str, PartitionOf] = {}
     for topic in dict.fromkeys(message.topic for message in messages):
-        partitions[topic] = sorted(await producer.partitions_for(topic))
+        partitions = sorted(await producer.partitions_for(topic))  # waits for metadata
+        led = producer.client.cluster.available_partitions_for_topic(topic)
+        partition_of[topic] = partitioner.of_topic(topic, partitions, sorted(led or ()))
     batches: list[RecordBatch] = []
     filling: dict[tuple[str, int], RecordBatch] = {}
     for index, message in enumerate(messages):
@@ -77,7 +87,7 @@ async def record_batches(
         key = message.key.encode() if message.key else None
         partition = message.partition
         if partition is None:
-            partition = partitioner(topic, key, partitions[topic])
+            partition = partition_of[topic](key)
         batch = filling.get((topic, partition))
         if batch is None or not batch.add(index, key, message):
             number = 0 if batch is None else batch.number + 1
