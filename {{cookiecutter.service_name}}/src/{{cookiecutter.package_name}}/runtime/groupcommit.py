@@ -23,6 +23,7 @@ from typing import Protocol
 from .brokers.base import Broker, InboundMessage
 from .clock import Clock
 from .config import Settings
+from .gathering import all_or_raise
 from .publishing import Publisher
 from .reaction import Reaction
 from .retry import Outages
@@ -212,11 +213,4 @@ class GroupCommit:
 
     async def _checkpoint(self, reaction: Reaction) -> None:
         """One store write per stream, all at once."""
-        outcomes = await asyncio.gather(
-            *(self.store.commit(checkpoint) for checkpoint in reaction.checkpoints()),
-            return_exceptions=True,
-        )
-        # Raised once every stream's write has ended: a retry never races a write in flight.
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
+        await all_or_raise(self.store.commit(checkpoint) for checkpoint in reaction.checkpoints())

@@ -23,12 +23,12 @@ import json
 import time
 import uuid
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from json.encoder import encode_basestring_ascii
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aetcd
@@ -42,6 +42,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ..config import ENV_PREFIX, Settings, load_model
 from ..errors import ConfigError
+from ..gathering import all_or_raise
 from ..logs import get_logger
 from .base import (
     Checkpoint,
@@ -192,7 +193,7 @@ class EtcdStateStore(StateStore):
 
         chunks = [keys[at : at + MAX_PUTS_PER_TXN] for at in range(0, len(keys), MAX_PUTS_PER_TXN)]
         found = {key: KeyState() for key in keys}
-        for read_states in await _all_or_raise(self._call(read, chunk) for chunk in chunks):
+        for read_states in await all_or_raise(self._call(read, chunk) for chunk in chunks):
             found.update(read_states)
         return found
 
@@ -223,7 +224,7 @@ class EtcdStateStore(StateStore):
         # before the state its event left: a crash between steps only re-runs events.
         states = [part for part in parts if all(put.state_of is not None for put in part)]
         for step in (states, parts[len(states) :]):
-            await _all_or_raise(
+            await all_or_raise(
                 self._call(self._write, stream, part, counts, fence, False) for part in step
             )
         await self._call(self._write, stream, last, counts, fence, True)
@@ -393,16 +394,6 @@ class _Put:
     leased: bool = False  # expires with the dedupe horizon
     state_of: str | None = None  # the handler key, for state writes
     version: int = 0  # the state's revision when read (compared on shared streams)
-
-
-async def _all_or_raise(calls: Iterable[Awaitable[T]]) -> list[T]:
-    """Every call's result, run at once; raises the first failure once all have ended (a
-    retry never races a call still in flight)."""
-    outcomes = await asyncio.gather(*calls, return_exceptions=True)
-    for outcome in outcomes:
-        if isinstance(outcome, BaseException):
-            raise outcome
-    return cast(list[T], outcomes)
 
 
 def _transactions(writes: list[_Put]) -> list[list[_Put]]:
