@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -21,17 +20,16 @@ from .streams import Streams
 MAX_STATE_BYTES = 64 * 1024  # per key: state travels in every checkpoint that changes it
 
 
-@dataclass(slots=True)
 class KeySlot:
     """One key's handler state while a batch handles that key's events in order."""
 
-    stored: KeyState
-    value: bytes | None = None
-    applied: list[str] = field(default_factory=list)
-    changed: bool = False
+    __slots__ = ("applied", "changed", "stored", "value")
 
-    def __post_init__(self) -> None:
-        self.value = self.stored.value
+    def __init__(self, stored: KeyState) -> None:
+        self.stored = stored
+        self.value = stored.value
+        self.applied: list[str] = []  # ids of the events handled since `stored`
+        self.changed = False
 
     def begin(self) -> dict[str, Any]:
         """A fresh copy for one attempt: a failed attempt leaves no trace."""
@@ -81,18 +79,23 @@ class KeyStates:
         before this one to be durable only if one of them changed a key it reads."""
         if not self.router.has_stateful():
             return {}
-        found: dict[str, dict[str, KeyState]] = defaultdict(dict)
+        slots: SlotsByKey = {}
         missing: dict[str, list[str]] = defaultdict(list)
         behind = False
-        for (stream, key), items in work.items():
-            if any(item.spec.stateful for item in items):
-                held = streams.get(stream)  # None: given up in a rebalance meanwhile
-                cached = held.cached_state(key) if held is not None else None
-                if cached is not None:
-                    found[stream][key] = cached
-                else:
-                    missing[stream].append(key)
-                    behind = behind or held is None or held.store_is_behind(key)
+        for group, items in work.items():
+            for item in items:  # a loop, not any(): this runs for every key of a batch
+                if item.spec.stateful:
+                    break
+            else:
+                continue  # no handler of this key's events keeps state
+            stream, key = group
+            held = streams.get(stream)  # None: given up in a rebalance meanwhile
+            cached = held.cached_state(key) if held is not None else None
+            if cached is not None:
+                slots[group] = KeySlot(cached)
+            else:
+                missing[stream].append(key)
+                behind = behind or held is None or held.store_is_behind(key)
         if missing:
             if behind:
                 await self.settle()  # the store first holds what batches before changed
@@ -105,14 +108,11 @@ class KeyStates:
                 )
             )
             for stream, states in zip(list(missing), loaded, strict=True):
-                found[stream].update(states)
+                for key, state in states.items():
+                    slots[stream, key] = KeySlot(state)
                 if (held := streams.get(stream)) is not None:
                     held.remember_states(states)
-        return {
-            (stream, key): KeySlot(state)
-            for stream, states in found.items()
-            for key, state in states.items()
-        }
+        return slots
 
     @staticmethod
     def keep(slots: SlotsByKey, reaction: Reaction) -> None:

@@ -24,11 +24,10 @@ import time
 import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from functools import partial
 from json.encoder import encode_basestring_ascii
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
 import aetcd
@@ -36,6 +35,7 @@ import aetcd.rpc
 import aetcd.watcher
 import grpc
 from aetcd.exceptions import ClientError
+from aetcd.rpc import DeleteRangeRequest, PutRequest, RequestOp, TxnRequest
 from aetcd.utils import prefix_range_end
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -202,8 +202,9 @@ class EtcdStateStore(StateStore):
 
     async def commit(self, checkpoint: Checkpoint) -> None:
         stream, progress = checkpoint.stream, checkpoint.progress
+        under = self._state_key(stream, "")
         writes: list[_Put] = [
-            _Put(self._state_key(stream, key), new.encode(), new.value is None, key, new.version)
+            _Put(under + key.encode(), new.encode(), new.value is None, key, new.version)
             for key, new in checkpoint.states.items()
         ]
         counts: dict[bytes, int] = {}
@@ -250,17 +251,15 @@ class EtcdStateStore(StateStore):
                 for write in writes
                 if write.state_of is not None
             ]
-        operations: list[Any] = [
-            client.transactions.put(
-                write.key,
-                write.value,
-                lease=await self._current_lease(client) if write.leased else None,
-            )
+        lease = await self._current_lease(client) if any(w.leased for w in writes) else 0
+        puts = [
+            PutRequest(key=write.key, value=write.value, lease=lease if write.leased else 0)
             for write in writes
         ]
-        operations += [client.transactions.delete(old) for old in expired]
-        succeeded, _ = await client.transaction(compare=compare, success=operations, failure=[])
-        if not succeeded:
+        operations = [RequestOp(request_put=put) for put in puts]
+        deletes = [DeleteRangeRequest(key=old) for old in expired]
+        operations += [RequestOp(request_delete_range=delete) for delete in deletes]
+        if not await self._transaction(client, compare, operations):
             if fence is not None:
                 raise Fenced(stream)
             raise Conflict(stream, ", ".join(w.state_of for w in writes if w.state_of))
@@ -269,6 +268,20 @@ class EtcdStateStore(StateStore):
         for write in writes:
             if write.key in counts:
                 batches.put(write.key, counts[write.key])
+
+    async def _transaction(
+        self, client: aetcd.Client, compare: list[Any], operations: list[RequestOp]
+    ) -> bool:
+        """Whether the transaction succeeded. Its operations are built as etcd's own
+        request messages: aetcd's operation objects, turned into those same messages,
+        cost as much again per put (~1.4 µs; a group writes one put per changed key)."""
+        await client.connect()
+        request = TxnRequest(
+            compare=[comparison.build_message() for comparison in compare], success=operations
+        )
+        timeout, metadata = self.etcd.etcd_timeout_s, client.metadata
+        response = await client.kvstub.Txn(request, timeout=timeout, metadata=metadata)
+        return bool(response.succeeded)
 
     def _beyond_count_horizon(self, batches: _BatchCounts, adding: int) -> list[bytes]:
         """Oldest batch keys to delete so the stream keeps at most DEDUPE_MAX_IDS ids."""
@@ -387,8 +400,7 @@ class _BatchCounts:
         self.total -= self.counts.pop(key, 0)
 
 
-@dataclass(frozen=True, slots=True)
-class _Put:
+class _Put(NamedTuple):  # one per changed key: a named tuple is the cheapest to make
     key: bytes
     value: bytes
     leased: bool = False  # expires with the dedupe horizon
