@@ -43,6 +43,7 @@ EVENTS = 1500
 
 def test_bench_runs_end_to_end_and_writes_its_figures() -> None:
     env = {**tool_env(), "BENCH_IDS": "5000", "BENCH_SECONDS": "0.5"}
+    env |= {"BENCH_INSTRUCTION_SHAPES": "noop,stateful", "BENCH_INSTRUCTION_EVENTS": "200,600"}
     command = ["bash", "bench/run.sh", "--events", str(EVENTS), "--rounds", "1"]
     command += ["--latency-rate", "300", "--latency-seconds", "1"]
     result = run_ok(command, cwd=TEMPLATE, env=env, timeout=1200)
@@ -72,5 +73,11 @@ def test_bench_runs_end_to_end_and_writes_its_figures() -> None:
             assert report["results"][name]["dead_lettered"] == 0, name
     state = json.loads((TEMPLATE / "build" / "bench" / "state.json").read_text())
     assert state["bytes_per_remembered_id"] > 0
+    # Instructions per event, counted by valgrind: one more stateful event costs more.
+    instructions = json.loads((TEMPLATE / "build" / "bench" / "instructions.json").read_text())
+    assert instructions["counter"] == "valgrind"
+    assert set(instructions["per_event"]) == {"noop", "stateful"}
+    assert 0 < instructions["per_event"]["noop"] < instructions["per_event"]["stateful"]
+    assert "stateful / no-op:" in result.stdout
     assert "ratios (ours / peer, target)" in result.stdout
     assert "latency-sample p99_ms" in result.stdout
