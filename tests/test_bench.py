@@ -43,7 +43,7 @@ EVENTS = 1500
 
 def test_bench_runs_end_to_end_and_writes_its_figures() -> None:
     env = {**tool_env(), "BENCH_IDS": "5000", "BENCH_SECONDS": "0.5"}
-    env |= {"BENCH_INSTRUCTION_SHAPES": "noop,stateful", "BENCH_INSTRUCTION_EVENTS": "200,600"}
+    env |= {"BENCH_INSTRUCTION_SHAPES": "noop,stateful", "BENCH_INSTRUCTION_EVENTS": "500,1000"}
     command = ["bash", "bench/run.sh", "--events", str(EVENTS), "--rounds", "1"]
     command += ["--latency-rate", "300", "--latency-seconds", "1"]
     result = run_ok(command, cwd=TEMPLATE, env=env, timeout=1200)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from pathlib import Path
 
@@ -10,9 +11,14 @@ import pytest
 from google.protobuf.wrappers_pb2 import StringValue
 
 from {{ cookiecutter.package_name }}.runtime import Context, Router
-from {{ cookiecutter.package_name }}.runtime.config import ENV_PREFIX, load_settings
+from {{ cookiecutter.package_name }}.runtime.config import ENV_PREFIX, Settings, load_settings
 from {{ cookiecutter.package_name }}.runtime.errors import ConfigError
 from {{ cookiecutter.package_name }}.runtime.state import open_state_store
+from {{ cookiecutter.package_name }}.runtime.state.base import (
+    Checkpoint,
+    Fence,
+    StateUnavailable,
+)
 from {{ cookiecutter.package_name }}.runtime.state.etcd import CHUNK_BYTES, _id_values
 from {{ cookiecutter.package_name }}.runtime.testing import ServiceHarness
 
@@ -61,3 +67,15 @@ def test_etcd_id_records_stay_within_the_request_limit(ids: list[str], records: 
     assert [len(chunk) for _, chunk in stored] == [count for _, count in values]
     assert all(at == recorded_at for at, _ in stored)
     assert all(len(value) <= CHUNK_BYTES for value, _ in values)
+
+
+async def test_an_unreachable_etcd_fails_a_commit_with_its_reason_in_one_line() -> None:
+    """gRPC's own text of an error spans several lines; the store's retry warnings and
+    logs take one."""
+    settings = Settings(state_url="etcd://127.0.0.1:1", consumer_group="g")  # nobody there
+    store = open_state_store(settings)
+    # Progress alone: no lease is asked for first, the transaction is the first call.
+    with pytest.raises(StateUnavailable, match=r"^etcd: UNAVAILABLE: ") as failed:
+        await store.commit(Checkpoint("s", (), time.time(), Fence("s", 1), progress=1))
+    assert "\n" not in str(failed.value)
+    await store.close()

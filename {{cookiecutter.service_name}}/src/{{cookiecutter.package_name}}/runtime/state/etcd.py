@@ -313,7 +313,7 @@ class EtcdStateStore(StateStore):
             return await step(client, *args)
         except ETCD_ERRORS as error:
             self._retire(client)
-            raise StateUnavailable(f"etcd: {type(error).__name__}: {error}") from error
+            raise StateUnavailable(f"etcd: {_reason(error)}") from error
         except asyncio.CancelledError as error:
             task = asyncio.current_task()
             if task is None or task.cancelling():
@@ -348,6 +348,14 @@ class EtcdStateStore(StateStore):
 
     def key_count_prefix(self) -> bytes:
         return self._root
+
+
+def _reason(error: BaseException) -> str:
+    """What went wrong, in one line: gRPC's own text of an error spans several (aetcd
+    turns the errors of its calls into its own; transactions are sent directly)."""
+    if isinstance(error, grpc.aio.AioRpcError):
+        return f"{error.code().name}: {error.details()}"
+    return f"{type(error).__name__}: {error}"
 
 
 async def _connect(client: aetcd.Client) -> None:
