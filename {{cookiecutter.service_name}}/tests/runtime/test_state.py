@@ -11,7 +11,11 @@ import pytest
 from google.protobuf.wrappers_pb2 import StringValue
 
 from {{ cookiecutter.package_name }}.runtime import Context, Router
-from {{ cookiecutter.package_name }}.runtime.config import ENV_PREFIX, Settings, load_settings
+from {{ cookiecutter.package_name }}.runtime.config import (
+    ENV_PREFIX,
+    Settings,
+    load_settings,
+)
 from {{ cookiecutter.package_name }}.runtime.errors import ConfigError
 from {{ cookiecutter.package_name }}.runtime.state import open_state_store
 from {{ cookiecutter.package_name }}.runtime.state.base import (
