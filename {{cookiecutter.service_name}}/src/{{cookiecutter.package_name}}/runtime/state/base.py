@@ -73,7 +73,7 @@ class KeyState(NamedTuple):
     `value` is JSON (None: no state), `applied` the ids of the events whose handling
     produced it, `version` what the store compares on commit for shared streams (0: the
     key had no stored state when read). A named tuple: several are made per changed key
-    and batch, and a frozen dataclass takes about three times as long to make.
+    and batch, and a frozen dataclass takes two to three times as long to make.
     """
 
     value: bytes | None = None
