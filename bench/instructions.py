@@ -35,10 +35,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
-from contestants.common import BATCH, ETCD, Bench, events, feeds
-from contestants.ours import router_for, start_like_the_service
+from contestants.common import BATCH, Bench, events, feeds
+from contestants.ours import prepare, router_for, start_like_the_service
 
 GROUP = "instructions"
 REFS = re.compile(r"I\s+refs:\s+([\d,]+)")
@@ -58,12 +57,9 @@ def child(bench: Bench, shape: str, data: Path, count: int, state: str) -> None:
     base = bench.module("runtime.brokers.base")
     config, app = bench.module("runtime.config"), bench.module("runtime.app")
     router = router_for(bench, shape)
-    overrides: dict[str, Any] = {}
-    if state == "etcd":
-        overrides["state_url"] = f"etcd://{ETCD}"
-        os.environ[f"{config.ENV_PREFIX}ETCD_KEY_PREFIX"] = f"/instructions-{time.time_ns()}"
-        # Valgrind slows the client ~50x: no call may time out and retry (uncounted work).
-        os.environ[f"{config.ENV_PREFIX}ETCD_TIMEOUT_S"] = "300"
+    overrides = prepare(bench, f"instructions-{time.time_ns()}", state)  # as throughput.py
+    # Valgrind slows the etcd client ~50x: no call may time out and retry (uncounted work).
+    os.environ[f"{config.ENV_PREFIX}ETCD_TIMEOUT_S"] = "300"
     settings = config.Settings(
         broker_url="memory://",
         consumer_group=GROUP,

@@ -66,7 +66,7 @@ def router_for(bench: Bench, shape: str) -> Any:
     return router
 
 
-def _prepare(bench: Bench, run: str, state: str) -> dict[str, Any]:
+def prepare(bench: Bench, run: str, state: str) -> dict[str, Any]:
     """Settings overrides and environment common to every run of the loop here."""
     overrides: dict[str, Any] = {}
     config = bench.module("runtime.config")
@@ -98,7 +98,7 @@ async def ours(
         # As the service makes it with OTEL_TRACES_SAMPLER=parentbased_traceidratio.
         tracer_provider = telemetry.tracer_provider(sampler=ParentBased(TraceIdRatioBased(sample)))
         tracer_provider.add_span_processor(BatchSpanProcessor(Discard()))
-    settings = bench.settings(run, name, **_prepare(bench, run, state))
+    settings = bench.settings(run, name, **prepare(bench, run, state))
     loop = app.build_loop(settings, router_for(bench, shape), tracer_provider=tracer_provider)
     start_like_the_service(bench, settings)
     clock = Clock(total)
@@ -145,7 +145,7 @@ async def latency(bench: Bench, run: str, name: str, feed: Feed, shape: str) -> 
     message from its publish to its acknowledgement. Its own topics: nothing pre-loaded."""
     run = f"{run}-{name}"
     app = bench.module("runtime.app")
-    settings = bench.settings(run, name, **_prepare(bench, run, "etcd"))
+    settings = bench.settings(run, name, **prepare(bench, run, "etcd"))
     if bench.broker == "kafka":
         await create_kafka_topics(bench, run, [feed])
     else:
